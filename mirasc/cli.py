@@ -1,0 +1,80 @@
+"""`mirasc compile | check | explain`: the command line. Spec errors print as file:line:col, never a traceback."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SystemExit(f"mirasc: cannot read {path}: {exc.strerror}") from None
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from .compiler import compile_spec, _write_atomic
+
+    for path in args.specs:
+        start = time.perf_counter()
+        compiled = compile_spec(_read(path), path)
+        out = Path(args.output) / f"{compiled.stem}.py"
+        _write_atomic(out, compiled.source)
+        print(f"{path} -> {out}  ({compiled.ir.name}, {compiled.ir.bias.klass} bias, "
+              f"{time.perf_counter() - start:.2f} s)")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .frontend import load_spec
+
+    for path in args.specs:
+        spec = load_spec(_read(path), path)
+        print(f"{path}: ok ({spec.name})")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .frontend import load_spec
+    from .symbolic.derive import derive
+    from .symbolic.explain import explain
+
+    for path in args.specs:
+        print(explain(derive(load_spec(_read(path), path))))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="mirasc", description="Compile .miras specs into Miras layers.")
+    parser.add_argument("--version", action="version", version=f"mirasc {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("compile", help="write one Python module per spec")
+    p.add_argument("specs", nargs="+", metavar="SPEC")
+    p.add_argument("-o", "--output", default=".", help="output folder (default: .)")
+    p.set_defaults(run=cmd_compile)
+    p = sub.add_parser("check", help="parse and check specs, report errors")
+    p.add_argument("specs", nargs="+", metavar="SPEC")
+    p.set_defaults(run=cmd_check)
+    p = sub.add_parser("explain", help="print the derived update rule")
+    p.add_argument("specs", nargs="+", metavar="SPEC")
+    p.set_defaults(run=cmd_explain)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .frontend.errors import SpecError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except SpecError as err:
+        print(err, file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
