@@ -60,9 +60,13 @@ RETENTIONS = _t(
           "Bregman (mirror) step with the logit mirror map: W = sigmoid(Z)  (Variant 5)"),
 )
 
+# Where the gradient is taken: at the previous state W_{t-1} (Eq. 5, Titans) or at the retained state
+# alpha_t W_{t-1} (Gated DeltaNet: S_t = alpha_t (I - beta_t k^T k) S_{t-1} + beta_t k^T v).
+_AT = Arg("at", "previous", choices=("previous", "retained"))
+
 ALGORITHMS = _t(
-    Entry("gd", (Arg("lr"), Arg("chunk", 1, number_only=True)), "W_t = ret(W_{t-1}) - lr * grad"),
-    Entry("momentum", (Arg("beta"), Arg("lr"), Arg("chunk", 1, number_only=True)),
+    Entry("gd", (Arg("lr"), Arg("chunk", 1, number_only=True), _AT), "W_t = ret(W_{t-1}) - lr * grad"),
+    Entry("momentum", (Arg("beta"), Arg("lr"), Arg("chunk", 1, number_only=True), _AT),
           "m_t = beta m_{t-1} + lr grad; W_t = ret(W_{t-1}) - m_t  (Titans)"),
 )
 

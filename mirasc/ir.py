@@ -72,6 +72,7 @@ class AlgorithmIR:
     lr: Operand
     beta: Operand | None
     chunk: int
+    at: Literal["previous", "retained"] = "previous"  # gradient at W_{t-1} or at alpha_t W_{t-1}
 
 
 @dataclass(frozen=True)

@@ -150,7 +150,8 @@ class AlgorithmSpec:
     kind: Literal["gd", "momentum"]
     lr: Ref
     beta: Ref | None = None  # momentum only
-    chunk: int = 1  # a power of two, 1..1024
+    chunk: int = 1  # a power of two, 1..256
+    at: Literal["previous", "retained"] = "previous"  # where the gradient is taken (docs/semantics.md)
     loc: Loc = field(default=NOLOC, compare=False)
 
 
