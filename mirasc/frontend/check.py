@@ -344,7 +344,12 @@ class _Checker:
         if value is not None:
             return Ref(value=value, loc=expr.loc)
         if spec.number_only:
-            got = f"the parameter '{expr.text}'" if isinstance(expr, ast.Name) else "an expression"
+            if isinstance(expr, ast.Name):
+                const = self.params.get(expr.text)
+                got = (f"the constant '{expr.text}' (write its value here)" if const and const.kind == "const"
+                       else f"the parameter '{expr.text}'")
+            else:
+                got = "an expression"
             self.fail(expr.loc, f"argument '{spec.name}' of {what} must be a literal number (it fixes the "
                                 f"shape of the derivation), not {got}")
         if not isinstance(expr, ast.Name):
@@ -400,7 +405,7 @@ class _Checker:
                                                or head.text in catalog.FUNCTIONS
                                                or head.text in catalog.REDUCTIONS):
             self.fail(head.loc, f"unknown bias '{head.text}'; expected one of: {_join(list(catalog.BIASES))}"
-                                f" or an expression in y and v")
+                                f" (or an expression in y and v)")
         tree = self.expr(expr)
         if not _mentions(tree, "y"):
             self.fail(stmt.start, "the bias does not depend on y, so its gradient is zero and the memory "

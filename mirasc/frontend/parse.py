@@ -23,6 +23,7 @@ from .errors import SpecError, source_line
 STATEMENTS = ("heads", "key_dim", "value_dim", "conv", "qk_norm", "out_norm", "out_gate", "memory",
               "const", "param", "gate", "bias", "retention", "algorithm")
 _STATEMENT_TERMINALS = frozenset(s.upper() for s in STATEMENTS)
+MAX_DEPTH = 100  # how deeply bias expressions may nest (calls, operators, if/else)
 _OPERATORS = frozenset({"PLUS", "MINUS", "STAR", "SLASH", "CARET"})
 _EXPRESSION_START = frozenset({"NAME", "NUMBER", "LPAR"})
 
@@ -54,8 +55,8 @@ def parse(text: str, file: str = "<spec>") -> ast.Layer:
     except UnexpectedInput as exc:
         raise _syntax_error(exc, text, file) from None
     try:
-        return _Builder(file).layer(tree.children[0])
-    except RecursionError:
+        return _Builder(file, text).layer(tree.children[0])
+    except RecursionError:  # _Builder limits nesting first; this is only a safety net
         raise SpecError("the spec is nested too deeply", file, 1, 1, source_line(text, 1)) from None
 
 
@@ -65,8 +66,9 @@ def parse(text: str, file: str = "<spec>") -> ast.Layer:
 class _Builder:
     """Walks the lark tree of one spec and builds the frozen AST, giving every node its Loc."""
 
-    def __init__(self, file: str) -> None:
+    def __init__(self, file: str, text: str) -> None:
         self.file = file
+        self.text = text
 
     def loc(self, item: Token | Tree) -> Loc:
         if isinstance(item, Token):
@@ -118,7 +120,7 @@ class _Builder:
         (child,) = tree.children
         return self.call(child) if isinstance(child, Tree) else self.name(child)
 
-    def call(self, tree: Tree) -> ast.Call:
+    def call(self, tree: Tree, depth: int = 0) -> ast.Call:
         fn, *args = tree.children
         built = []
         for arg in args:
@@ -126,30 +128,37 @@ class _Builder:
                 continue
             if arg.data == "kwarg":
                 key, value = arg.children
-                built.append(ast.Arg(self.name(key), self.expr(value), self.loc(key)))
+                built.append(ast.Arg(self.name(key), self.expr(value, depth), self.loc(key)))
             else:
                 (value,) = arg.children
-                built.append(ast.Arg(None, self.expr(value), self.loc(value)))
+                built.append(ast.Arg(None, self.expr(value, depth), self.loc(value)))
         return ast.Call(self.name(fn), tuple(built), self.loc(fn))
 
-    def expr(self, tree: Tree) -> ast.Expr:
+    def expr(self, tree: Tree, depth: int = 0) -> ast.Expr:
+        if depth > MAX_DEPTH:
+            # Later stages (the checker, sympy) walk expressions recursively; refuse absurd nesting here,
+            # with a place, instead of letting a RecursionError out of some stage downstream.
+            loc = self.loc(tree)
+            raise SpecError(f"expression nested too deeply (more than {MAX_DEPTH} levels)", self.file,
+                            loc.line, loc.col, source_line(self.text, loc.line))
         kind, kids = tree.data, tree.children
+        depth += 1
         if kind == "number":
             return ast.Number(str(kids[0]), self.loc(kids[0]))
         if kind == "name":
             return self.name(kids[0])
         if kind == "neg":
-            return ast.Neg(self.expr(kids[1]), self.loc(kids[0]))
+            return ast.Neg(self.expr(kids[1], depth), self.loc(kids[0]))
         if kind == "binary":
             lhs, op, rhs = kids
-            return ast.BinOp(str(op), self.expr(lhs), self.expr(rhs), self.loc(op))
+            return ast.BinOp(str(op), self.expr(lhs, depth), self.expr(rhs, depth), self.loc(op))
         if kind == "call":
-            return self.call(tree)
+            return self.call(tree, depth)
         if kind == "ifexpr":
             _if, cond, _then, then, _else, other = kids
             lhs, op, rhs = cond.children
-            compare = ast.Compare(str(op), self.expr(lhs), self.expr(rhs), self.loc(op))
-            return ast.IfElse(compare, self.expr(then), self.expr(other), self.loc(_if))
+            compare = ast.Compare(str(op), self.expr(lhs, depth), self.expr(rhs, depth), self.loc(op))
+            return ast.IfElse(compare, self.expr(then, depth), self.expr(other, depth), self.loc(_if))
         raise AssertionError(f"unknown expression rule {kind}")  # the grammar has no other
 
 
@@ -167,12 +176,27 @@ def _syntax_error(exc: UnexpectedInput, text: str, file: str) -> SpecError:
         if token.type == "NAME" and starts_line and expected & _STATEMENT_TERMINALS:
             return _error(f"unknown statement '{token}'; expected one of: {', '.join(STATEMENTS)}",
                           text, file, line, col)
-        if starts_line and not expected & _STATEMENT_TERMINALS:
+        if starts_line and not expected & (_STATEMENT_TERMINALS | {"$END"}):
             # The statement on an earlier line stopped short (an unclosed parenthesis, a dangling
             # operator): point at its end rather than at the innocent next statement.
             end = _end_of_previous(text, line, col)
             if end is not None:
                 return _error(f"unexpected end of line; expected {_words(expected)}", text, file, *end)
+        keyword_start = _keyword_read_as_name(text, token)
+        if keyword_start is not None:
+            # `bias y *` then `retention ...` on the next line: where a name may stand, the contextual
+            # lexer reads the keyword as a name and the error surfaces one token later.  Parse the text
+            # up to the keyword to learn what the unfinished statement still needed.
+            try:
+                parser().parse(text[:keyword_start])
+            except UnexpectedToken as early:
+                needed = _expected(early)
+                if early.token.type == "$END" and not needed & (_STATEMENT_TERMINALS | {"$END"}):
+                    end = _end_of_previous(text, *_line_col(text, keyword_start))
+                    if end is not None:
+                        return _error(f"unexpected end of line; expected {_words(needed)}", text, file, *end)
+            except UnexpectedInput:
+                pass
         message = f"unexpected {_describe(token)}"
     elif isinstance(exc, UnexpectedCharacters):
         char = text[exc.pos_in_stream] if 0 <= exc.pos_in_stream < len(text) else ""
@@ -229,6 +253,24 @@ def _describe(token: Token) -> str:
     if token.type == "NUMBER":
         return f"number {token}"
     return f"'{token}'"
+
+
+def _keyword_read_as_name(text: str, token: Token) -> int | None:
+    """The offset of a statement keyword that starts the line just before `token`, if there is one."""
+    start = token.start_pos
+    if start is None:
+        return None
+    line_start = text.rfind("\n", 0, start) + 1
+    m = re.fullmatch(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*", text[line_start:start])
+    if m and m.group(1) in STATEMENTS:
+        return line_start + m.start(1)
+    return None
+
+
+def _line_col(text: str, offset: int) -> tuple[int, int]:
+    """1-based (line, col) of a character offset."""
+    line = text.count("\n", 0, offset) + 1
+    return line, offset - (text.rfind("\n", 0, offset) + 1) + 1
 
 
 def _code(line: str) -> str:
