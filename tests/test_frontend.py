@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from mirasc.frontend import load_spec, load_spec_file, parse
+from mirasc.frontend import load_spec, load_spec_file
 from mirasc.frontend.errors import SpecError
+from mirasc.frontend.parse import parse
 from mirasc.spec import Binary, Call, IfElse, Num, Ref, Unary, Var
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -302,14 +303,15 @@ BAD = [
     # numbers
     ("chunk_not_power_of_two", edit("chunk=16", "chunk=48"), 10, 32, "chunk size must be a power of two"),
     ("chunk_too_large", edit("chunk=16", "chunk=512"), 10, 32, "between 1 and 256"),
-    ("heads_zero", edit("heads 4", "heads 0"), 2, 11, "heads must be at least 1"),
-    ("heads_negative", edit("heads 4", "heads -2"), 2, 11, "heads must be at least 1"),
+    ("heads_zero", edit("heads 4", "heads 0"), 2, 11, "heads must be between 1 and 65536"),
+    ("heads_negative", edit("heads 4", "heads -2"), 2, 11, "heads must be between 1 and 65536"),
     ("heads_fraction", edit("heads 4", "heads 2.5"), 2, 11, "heads must be a whole number"),
     ("conv_too_large", edit("heads 4", "heads 4\n    conv 17"), 3, 10, "conv must be between 0 and 16"),
     ("lp_p_below_one", edit("bias l2", "bias lp(p=0.5)"), 8, 15, "lp p must be >= 1"),
     ("lq_q_one", edit("decay(alpha)", "decay(alpha) + lq(1)"), 9, 33, "lq q must be > 1"),
     ("eps_zero", edit("bias l2", "bias l1(eps=0)"), 8, 17, "l1 eps must be > 0"),
-    ("rank_zero", edit("sigmoid(rank=8", "sigmoid(rank=0"), 7, 38, "gate rank must be at least 1"),
+    ("rank_huge", edit("sigmoid(rank=8", "sigmoid(rank=1e300"), 7, 38, "gate rank must be between 1 and 65536"),
+    ("rank_zero", edit("sigmoid(rank=8", "sigmoid(rank=0"), 7, 38, "gate rank must be between 1 and 65536"),
     ("depth_five", edit("memory linear", "memory mlp(depth=5)"), 5, 22, "mlp depth must be between 1 and 4"),
     ("expansion_nine", edit("memory linear", "memory mlp(expansion=9)"), 5, 26, "mlp expansion must be between 1 and 8"),
     ("number_too_large", edit("init=0.5", "init=1e999"), 6, 45, "number 1e999 is too large"),

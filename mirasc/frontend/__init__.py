@@ -14,10 +14,10 @@ from pathlib import Path
 
 from mirasc.spec import LayerSpec
 
-from .check import check
+from . import check, parse
 from .errors import SpecError
-from .parse import parse
 
+# The submodules stay reachable as mirasc.frontend.parse / .check (their functions have the same names).
 __all__ = ["SpecError", "check", "load_spec", "load_spec_file", "parse"]
 
 
@@ -25,7 +25,7 @@ def load_spec(text: str, file: str = "<spec>") -> LayerSpec:
     """Parse and check spec text; raises SpecError (and nothing else) for any bad text."""
     if not isinstance(text, str):
         raise TypeError(f"load_spec expects the spec text as str, not {type(text).__name__}")
-    return check(parse(text, file), text, file)
+    return check.check(parse.parse(text, file), text, file)
 
 
 def load_spec_file(path: str | PathLike[str]) -> LayerSpec:

@@ -78,6 +78,7 @@ ACTIVATION_RANGE = {
     "sigmoid": (0.0, 1.0), "softplus": (0.0, math.inf), "exp": (0.0, math.inf), "tanh": (-1.0, 1.0),
     "relu": (0.0, math.inf), "identity": (-math.inf, math.inf),
 }
+MAX_SIZE = 65536  # a sanity cap on heads, dims and ranks: beyond it a typo, not a model
 MAP_TERMS = ("lq", "kl", "elastic_net", "bregman")
 NORM_THRESHOLD_BIASES = ("huber_norm", "huber_mix", "robust")
 
@@ -196,7 +197,7 @@ class _Checker:
     def block(self, single: dict[str, ast.Stmt], layer: ast.Layer) -> BlockSpec:
         defaults = BlockSpec()
         values: dict[str, object] = {}
-        limits = {"heads": (1, None), "key_dim": (1, None), "value_dim": (1, None), "conv": (0, 16)}
+        limits = {"heads": (1, MAX_SIZE), "key_dim": (1, MAX_SIZE), "value_dim": (1, MAX_SIZE), "conv": (0, 16)}
         for kw, (lo, hi) in limits.items():
             stmt = single.get(kw)
             if isinstance(stmt, ast.IntStmt):
@@ -276,7 +277,7 @@ class _Checker:
                 self.fail(fn.loc, f"unknown gate activation '{fn.text}'; expected one of: "
                                   f"{_join(catalog.GATE_ACTIVATIONS)}")
             args = self.bind(decl.value, Entry(fn.text, GATE_ARGS, ""), fn.text)
-            rank = self.integer(self.number(args["rank"]), args["rank"].loc, "gate rank", 1)
+            rank = self.integer(self.number(args["rank"]), args["rank"].loc, "gate rank", 1, MAX_SIZE)
             init = self.init(args["init"], fn.text)
             param = Param(name, "gate", init=init, shape=shape, activation=fn.text, rank=rank,  # type: ignore[arg-type]
                           loc=loc)
