@@ -2,8 +2,10 @@
 
 Produced by mirasc.symbolic.derive.derive(spec) and consumed by mirasc.codegen.  The bias is kept as
 sympy expressions (codegen's printers turn them into torch / triton source); everything else is plain
-numbers and strings.  An `Operand` is a literal number or the name of a Param of the spec (a constant,
-a learnable scalar per head, or a gate).
+numbers and strings.  An `Operand` is a literal number or the name of a runtime Param of the spec (a
+learnable scalar per head, or a gate).  Constants are inlined by the symbolic stage: a `const` Param
+referenced by name (in the bias, the retention or the algorithm) arrives here as its float value, never
+as a name, so codegen needs no table of constants.
 """
 from __future__ import annotations
 
@@ -39,6 +41,9 @@ class BiasIR:
     grad: Any  # dL/dy_j
     vjp: Any = None
     text: str = ""  # the bias in readable math
+    V: Any = None  # the value-dimension symbol (mean(x) = sum(x)/V); at run time y.shape[-1]
+    param_symbols: tuple[tuple[str, Any], ...] = ()  # (name, sympy symbol) for each entry of params
+    channel_params: tuple[str, ...] = ()  # the entries of params that are per value channel
 
 
 @dataclass(frozen=True)

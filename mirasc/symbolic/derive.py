@@ -1,0 +1,255 @@
+"""derive(spec) -> LayerIR: the bias's gradient, its VJPs and class; the resolved retention and algorithm.
+
+The bias of one token is L = F(S_1..S_m; p) with S_r = sum_j f_r(y_j, v_j; p_j) (see objectives.py).
+Write a_r = dF/dS_r (per token), d_r(j) = df_r/dy_j (elementwise).  Then
+
+    g_j = dL/dy_j = sum_r a_r d_r(j)                                              (BiasIR.grad)
+
+The backward kernels need the VJP of y -> g (and of v, p -> g) at a cotangent w in R^V.  With the
+extra reductions R_r = sum_j w_j d_r(j) and the per-token coefficients c_s = sum_r d2F/dS_r dS_s R_r:
+
+    (w^T dg/dy)_l = sum_s c_s d_s(l)          + w_l sum_r a_r d2f_r/dy2 (l)         (BiasVJP.dy)
+    (w^T dg/dv)_l = sum_s c_s df_s/dv (l)     + w_l sum_r a_r d2f_r/dydv (l)        (BiasVJP.dv)
+    e_p(l)        = sum_s c_s df_s/dp (l)     + w_l sum_r a_r d2f_r/dydp (l)        (ParamVJP.elem)
+    channel p:  w^T dg/dp_l = e_p(l)
+    scalar p:   w^T dg/dp   = sum_l e_p(l) + sum_r R_r d2F/dS_r dp                  (ParamVJP.token)
+
+i.e. a diagonal term plus rank-m corrections through the reductions.  Everything is an expression in
+the coordinate symbols (y, v, w, channel parameters), the per-token symbols (S_r, R_r, scalar
+parameters, V) and numbers; a printer computes the S_r, then the R_r, then the outputs, applying sympy's
+cse to each expression set (mirasc.codegen.printers).
+
+Class (the kernel family): with H_jl = sum_{r,s} d2F/dS_r dS_s d_r(j) d_s(l) + delta_jl sum_r a_r d2f_r/dy2(j)
+the Hessian of L in y, "independent" if H = 0, "affine" if H = I (g = y - c(v)), else "nonlinear".  A
+zero test first evaluates numerically at fixed pseudo-random points (a quick refutation) and only then
+asks sympy.simplify for a proof; an unproved zero counts as nonzero (the nonlinear class is always
+correct, only slower).
+
+Nothing is memoised; a derivation takes a few tens of milliseconds.
+"""
+from __future__ import annotations
+
+import cmath
+import hashlib
+import random
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import sympy as sp
+
+from ..ir import BiasIR, LayerIR
+from ..spec import BiasSpec, LayerSpec, Param
+from .objectives import (
+    DeriveError,
+    Objective,
+    SymbolTable,
+    expr_text,
+    library_bias,
+    library_text,
+    make_symbols,
+    user_bias,
+)
+from .retention import algorithm_ir, retention_ir
+
+
+@dataclass(frozen=True)
+class ParamVJP:
+    """The VJP of g with respect to one non-constant parameter (see the module docstring).
+
+    shape "channel": dP_j = elem.  shape "scalar": dP = sum_j elem + token (token is per token).
+    """
+    name: str
+    shape: Literal["scalar", "channel"]
+    symbol: sp.Symbol
+    elem: sp.Expr
+    token: sp.Expr
+
+
+@dataclass(frozen=True)
+class BiasVJP:
+    """Second-order pieces of the bias: the VJP of g = dL/dy at a cotangent w (module docstring).
+
+    w:         the cotangent coordinate symbol w_j.
+    sums:      (R_r, body) with R_r = sum_j body, body = w * d_r; only the R_r the outputs use.
+    dy, dv:    elementwise expressions of the VJPs w^T dg/dy, w^T dg/dv.
+    dparams:   one ParamVJP per BiasIR.params entry, in that order.
+    outer:     a_r = dF/dS_r, one per reduction (per token).
+    inner:     d_r = df_r/dy, one per reduction (elementwise).
+    hess_outer: d2F/dS_r dS_s, an m x m tuple of tuples (per token).
+    hess_diag: sum_r a_r d2f_r/dy2, the diagonal part of the Hessian (elementwise).
+    """
+    w: sp.Symbol
+    sums: tuple[tuple[sp.Symbol, sp.Expr], ...]
+    dy: sp.Expr
+    dv: sp.Expr
+    dparams: tuple[ParamVJP, ...]
+    outer: tuple[sp.Expr, ...]
+    inner: tuple[sp.Expr, ...]
+    hess_outer: tuple[tuple[sp.Expr, ...], ...]
+    hess_diag: sp.Expr
+
+
+# ---- expression hygiene ---------------------------------------------------------------------------
+
+def clean(e: sp.Expr) -> sp.Expr:
+    """Derivative post-processing: DiracDelta -> 0 (derivatives of sign/Heaviside vanish a.e.), a few
+    Piecewise folded into one (when that is not larger) and sinh(a)/cosh(a) -> tanh(a) (log cosh's
+    derivative, stable in low precision)."""
+    e = sp.sympify(e)
+    if e.has(sp.DiracDelta):
+        e = e.replace(lambda x: isinstance(x, sp.DiracDelta), lambda x: sp.S.Zero)
+    if e.has(sp.Piecewise) and len(e.atoms(sp.Piecewise)) <= 3:  # one where() instead of several
+        folded = sp.piecewise_fold(e)
+        if sp.count_ops(folded) <= sp.count_ops(e):
+            e = folded
+    if e.has(sp.sinh) and e.has(sp.cosh):
+        for s in e.atoms(sp.sinh):
+            a = s.args[0]
+            e = e.subs(sp.sinh(a) / sp.cosh(a), sp.tanh(a))
+    return e
+
+
+def _d(e: sp.Expr, x: sp.Symbol) -> sp.Expr:
+    return clean(sp.diff(e, x)) if x in e.free_symbols else sp.S.Zero
+
+
+# ---- zero tests -----------------------------------------------------------------------------------
+
+def _sample(sym: sp.Symbol, rng: random.Random) -> sp.Expr:
+    if sym.is_integer:
+        return sp.Integer(rng.randint(1, 16))
+    mag = 10 ** rng.uniform(-1.5, 1.3)
+    if sym.name.startswith("S"):  # reductions: mostly sums of squares, keep them positive
+        return sp.Float(mag)
+    return sp.Float(mag if rng.random() < 0.5 else -mag)
+
+
+def is_zero(e: sp.Expr, trials: int = 10) -> bool:
+    """True only when e is proved identically zero; refutes quickly by evaluation at fixed points."""
+    e = sp.sympify(e)
+    if e.is_zero:
+        return True
+    if e.is_Number:
+        return False
+    rng = random.Random(1234)
+    syms = sorted(e.free_symbols, key=lambda s: s.name)
+    for _ in range(trials):
+        point = {s: _sample(s, rng) for s in syms}
+        try:
+            val = complex(e.xreplace(point).evalf())
+        except (TypeError, ValueError, ZeroDivisionError):
+            continue
+        if cmath.isnan(val):
+            continue
+        if abs(val) > 1e-9:
+            return False
+    try:
+        return sp.simplify(e) == 0
+    except Exception:  # noqa: BLE001 - simplify is best effort; unproved means nonzero
+        return False
+
+
+def _primed(e: sp.Expr, syms: set[sp.Symbol]) -> sp.Expr:
+    return e.xreplace({s: sp.Symbol(s.name + "_l", **s.assumptions0) for s in syms})
+
+
+def classify(st: SymbolTable, outer2, inner, hess_diag) -> str:
+    m = len(inner)
+    elementwise = st.elementwise
+    rank = sp.Add(*[outer2[r][s] * inner[r] * _primed(inner[s], elementwise)
+                    for r in range(m) for s in range(m)])
+    if not is_zero(rank):
+        return "nonlinear"
+    if is_zero(hess_diag):
+        return "independent"
+    if is_zero(hess_diag - 1):
+        return "affine"
+    return "nonlinear"
+
+
+# ---- the bias -------------------------------------------------------------------------------------
+
+def derive_bias(bias: BiasSpec, params: tuple[Param, ...]) -> BiasIR:
+    """The BiasIR of a library bias or a user expression, with gradient, VJP pieces and class."""
+    st = make_symbols(params)
+    if bias.name is not None and bias.expr is None:
+        obj: Objective = library_bias(bias, st)
+        name = bias.name
+        text = library_text(bias)
+    elif bias.expr is not None:
+        obj = user_bias(bias.expr, st, bias.loc)
+        name = "custom"
+        text = "L = " + expr_text(bias.expr)
+    else:
+        raise DeriveError("a bias needs a library name or an expression", bias.loc)
+
+    F, reductions = obj.F, obj.reductions
+    y, v = st.y, st.v
+    channel = st.channel_symbols()
+    if F.free_symbols & (st.elementwise):
+        raise DeriveError("y, v and per-channel gates may only appear inside reductions", bias.loc)
+
+    used = F.free_symbols.union(*[f.free_symbols for _, f in reductions])
+    ordered = [p for p in params if p.name in st.params and st.params[p.name].symbol in used]
+    pnames = tuple(p.name for p in ordered)
+    psyms = [st.params[n].symbol for n in pnames]
+
+    S = [s for s, _ in reductions]
+    f = [fr for _, fr in reductions]
+    m = len(S)
+    a = [_d(F, s) for s in S]
+    d = [_d(fr, y) for fr in f]
+    grad = clean(sp.Add(*[a[r] * d[r] for r in range(m)]))
+
+    # second order
+    F2 = [[_d(a[r], S[s]) for s in range(m)] for r in range(m)]
+    w = st.fresh("w", real=True)
+    R = [st.fresh(f"R{r + 1}", real=True) for r in range(m)]
+    c = [sp.Add(*[F2[r][s] * R[r] for r in range(m)]) for s in range(m)]
+    dyy = [_d(d[r], y) for r in range(m)]
+    hess_diag = clean(sp.Add(*[a[r] * dyy[r] for r in range(m)]))
+    dy = clean(sp.Add(*[c[s] * d[s] for s in range(m)]) + w * hess_diag)
+    dv = clean(sp.Add(*[c[s] * _d(f[s], v) for s in range(m)])
+               + w * sp.Add(*[a[r] * _d(d[r], v) for r in range(m)]))
+    pvjps = []
+    for pname, p in zip(pnames, psyms):
+        elem = clean(sp.Add(*[c[s] * _d(f[s], p) for s in range(m)])
+                     + w * sp.Add(*[a[r] * _d(d[r], p) for r in range(m)]))
+        if p in channel:
+            if any(_d(a[r], p) != 0 for r in range(m)):  # pragma: no cover - refused above
+                raise DeriveError(f"per-channel gate {pname!r} outside a reduction", bias.loc)
+            pvjps.append(ParamVJP(pname, "channel", p, elem, sp.S.Zero))
+        else:
+            token = clean(sp.Add(*[R[r] * _d(a[r], p) for r in range(m)]))
+            pvjps.append(ParamVJP(pname, "scalar", p, elem, token))
+    outs = [dy, dv] + [q.elem for q in pvjps] + [q.token for q in pvjps]
+    used_R = set().union(*[o.free_symbols for o in outs]) & set(R)
+    sums = tuple((R[r], w * d[r]) for r in range(m) if R[r] in used_R)
+
+    vjp = BiasVJP(w=w, sums=sums, dy=dy, dv=dv, dparams=tuple(pvjps), outer=tuple(a), inner=tuple(d),
+                  hess_outer=tuple(tuple(row) for row in F2), hess_diag=hess_diag)
+    klass = classify(st, F2, d, hess_diag)
+    return BiasIR(
+        name=name, klass=klass, params=pnames, y=y, v=v, reductions=tuple(reductions), loss=F, grad=grad,
+        vjp=vjp, text=text, V=st.V,
+        param_symbols=tuple((n, st.params[n].symbol) for n in pnames),
+        channel_params=tuple(n for n in pnames if st.params[n].kind == "channel"),
+    )
+
+
+def derive(spec: LayerSpec) -> LayerIR:
+    """The LayerIR of a checked spec: bias (sympy), retention and algorithm (plain operands), the rule."""
+    from .explain import rule_text
+
+    bias = derive_bias(spec.bias, spec.params)
+    ir = LayerIR(
+        name=spec.name, block=spec.block, memory=spec.memory, params=spec.params, bias=bias,
+        retention=retention_ir(spec.retention, spec.params),
+        algorithm=algorithm_ir(spec.algorithm, spec.params),
+        rule="", source_hash=hashlib.sha256(spec.source.encode("utf-8")).hexdigest(),
+        source_file=spec.file, spec=spec,
+    )
+    return replace(ir, rule=rule_text(ir))
+
+
+__all__ = ["BiasVJP", "ParamVJP", "classify", "clean", "derive", "derive_bias", "is_zero"]
