@@ -1,0 +1,1 @@
+"""Code generation: sympy printers (printers.py) and the module emitter."""
