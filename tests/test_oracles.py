@@ -157,8 +157,10 @@ def test_moneta(compiled_examples):
 def test_yaad(compiled_examples):
     ir, q, k, v, params, gen = _setup(compiled_examples, "yaad")
     W = list(make_state(ir, B, H, K, V, gen=gen))
-    o_ref, s_ref = _reference(compiled_examples, "yaad", q, k, v, params, tuple(W))
+    # Thresholds around the typical error norm, so that both branches of Eq. 26 occur.
+    params["delta"] = 0.5 + 5.0 * torch.rand(params["delta"].shape, dtype=torch.float64, generator=gen)
     eta, alpha, delta = params["eta"], params["alpha"], params["delta"]
+    o_ref, s_ref = _reference(compiled_examples, "yaad", q, k, v, params, tuple(W))
 
     def l2(y, tv):
         return 0.5 * (y - tv).square().sum(-1)

@@ -1,0 +1,72 @@
+"""What the Triton template family needs from a LayerIR: which layers it covers and the bias's code.
+
+The kernels are generic in the bias: the compiler prints the derived gradient and its VJP as two
+@triton.jit functions (`_bias_grad`, `_bias_vjp`) that the chunk kernels call on [BT, BV] tiles.
+"""
+from __future__ import annotations
+
+from ..ir import LayerIR
+from .printers import triton_bias_source
+
+MIN_CHUNK = 16  # tl.dot needs tiles of at least 16 rows
+
+
+def unsupported_reason(ir: LayerIR) -> str | None:
+    """Why this layer has no Triton kernels yet (None: it has them)."""
+    params = {p.name: p for p in ir.params}
+
+    def shape(op) -> str:
+        if isinstance(op, (int, float)):
+            return "const"
+        p = params[op]
+        return "const" if p.kind == "const" else ("channel" if p.shape == "channel" else "head")
+
+    if ir.memory.kind != "linear":
+        return "the triton backend covers matrix memories; MLP memories run on the torch backend"
+    if ir.retention.map != "id":
+        return f"the retention map '{ir.retention.map}' has no triton kernel yet"
+    if ir.algorithm.kind != "gd":
+        return "momentum has no triton kernel yet"
+    if shape(ir.retention.alpha) == "channel":
+        return "per-channel decay has no triton kernel yet"
+    return None
+
+
+def _indent(lines: list[str], n: int = 4) -> str:
+    return "\n".join(" " * n + line for line in lines)
+
+
+def triton_context(ir: LayerIR) -> dict | None:
+    """Template variables for templates/triton_linear.py.j2, or None when the layer is not covered."""
+    if unsupported_reason(ir) is not None:
+        return None
+    by_name = {p.name: p for p in ir.params}
+    bias_params = []
+    for name in ir.bias.params:
+        p = by_name[name]
+        kind = "learnable" if p.kind == "learnable" else ("channel" if p.shape == "channel" else "head")
+        bias_params.append({"name": name, "kind": kind})
+    names = {p["name"]: f"p_{p['name']}" for p in bias_params}
+    tb = triton_bias_source(ir.bias, y="y", v="v", w="w", V="V", params=names, mask="vmask[None, :]")
+    args = "".join(f", p_{p['name']}" for p in bias_params)
+    douts = "".join(f", d_{p['name']}" for p in bias_params)
+    src = (
+        f"{tb.helpers.rstrip()}\n\n\n"
+        f"@triton.jit\ndef _bias_grad(y, v, vmask{args}):\n"
+        f'    """dL/dy of the bias on a [BT, BV] tile (padded columns are masked out of reductions)."""\n'
+        f"    V = tl.sum(vmask.to(tl.float32), axis=0)\n"
+        f"{_indent(tb.grad)}\n    return g\n\n\n"
+        f"@triton.jit\ndef _bias_vjp(y, v, w, vmask{args}):\n"
+        f'    """The VJP of _bias_grad at the cotangent w: (dy, dv, d<param>...)."""\n'
+        f"    V = tl.sum(vmask.to(tl.float32), axis=0)\n"
+        f"{_indent(tb.vjp)}\n    return dy, dv{douts}\n"
+    )
+    lr = ir.algorithm.lr
+    eta_channel = isinstance(lr, str) and by_name[lr].kind == "gate" and by_name[lr].shape == "channel"
+    return {
+        "bias_params": bias_params,
+        "triton_bias_src": src,
+        "needs_y": ir.bias.klass != "independent",
+        "eta_channel": eta_channel,
+        "min_chunk": MIN_CHUNK,
+    }
