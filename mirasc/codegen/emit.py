@@ -24,6 +24,7 @@ import jinja2
 from .._resources import resource_dir
 from ..ir import LayerIR, Operand
 from ..spec import Param
+from .triton import triton_context, unsupported_reason
 
 
 class CodegenError(ValueError):
@@ -400,7 +401,16 @@ def _context(ir: LayerIR, version: str) -> dict:
             for n in ir.bias.params
         ],
         "need_math": "math." in bias_src,
+        **_triton_context(ir),
     }
+
+
+def _triton_context(ir: LayerIR) -> dict:
+    """The Triton kernel family's variables (templates/triton_linear.py.j2), or why there is none."""
+    ctx = triton_context(ir)
+    if ctx is None:
+        return {"triton": False, "triton_reason": unsupported_reason(ir)}
+    return {"triton": True, "triton_reason": "", **ctx}
 
 
 def _environment() -> jinja2.Environment:

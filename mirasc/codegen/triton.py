@@ -63,10 +63,34 @@ def triton_context(ir: LayerIR) -> dict | None:
     )
     lr = ir.algorithm.lr
     eta_channel = isinstance(lr, str) and by_name[lr].kind == "gate" and by_name[lr].shape == "channel"
+    bias_sources = []
+    for p in bias_params:
+        bias_sources.append(f"{p['name']}.float().contiguous()")
     return {
         "bias_params": bias_params,
+        "triton_eta": operand_source(ir, lr, "eta"),
+        "triton_alpha": operand_source(ir, ir.retention.alpha, "alpha"),
+        "triton_bias_args": bias_sources,
+        "triton_at_retained": ir.algorithm.at == "retained",
         "triton_bias_src": src,
         "needs_y": ir.bias.klass != "independent",
         "eta_channel": eta_channel,
         "min_chunk": MIN_CHUNK,
     }
+
+
+def operand_source(ir: LayerIR, op, shape: str) -> str | None:
+    """Python source that turns a lr / decay operand into the contiguous fp32 tensor the kernels read.
+
+    shape is "[B, T, H]" for per-token scalars; None means "no tensor" (a decay of exactly 1).
+    """
+    if op is None or (isinstance(op, (int, float)) and float(op) == 1.0 and shape == "alpha"):
+        return None
+    if isinstance(op, (int, float)):
+        return f"torch.full((B, T, H), {float(op)!r}, device=q.device, dtype=torch.float32)"
+    p = {p.name: p for p in ir.params}[op]
+    if p.kind == "const":
+        return f"torch.full((B, T, H), {float(p.value)!r}, device=q.device, dtype=torch.float32)"
+    if p.kind == "learnable":
+        return f"{op}.float().view(1, 1, H).expand(B, T, H).contiguous()"
+    return f"{op}.float().contiguous()"
