@@ -15,7 +15,7 @@ def _read(path: str) -> str:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from .compiler import compile_spec, _write_atomic
+    from .compiler import _write_atomic, compile_spec
 
     for path in args.specs:
         start = time.perf_counter()

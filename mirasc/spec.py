@@ -40,15 +40,15 @@ class Var:
 @dataclass(frozen=True)
 class Unary:
     op: Literal["-"]
-    arg: "Expr"
+    arg: Expr
     loc: Loc = field(default=NOLOC, compare=False)
 
 
 @dataclass(frozen=True)
 class Binary:
     op: Literal["+", "-", "*", "/", "^"]
-    lhs: "Expr"
-    rhs: "Expr"
+    lhs: Expr
+    rhs: Expr
     loc: Loc = field(default=NOLOC, compare=False)
 
 
@@ -56,23 +56,23 @@ class Binary:
 class Call:
     """An elementwise function (catalog.FUNCTIONS) or a reduction over the value dim (catalog.REDUCTIONS)."""
     fn: str
-    args: tuple["Expr", ...]
+    args: tuple[Expr, ...]
     loc: Loc = field(default=NOLOC, compare=False)
 
 
 @dataclass(frozen=True)
 class Compare:
     op: Literal["<", "<=", ">", ">="]
-    lhs: "Expr"
-    rhs: "Expr"
+    lhs: Expr
+    rhs: Expr
     loc: Loc = field(default=NOLOC, compare=False)
 
 
 @dataclass(frozen=True)
 class IfElse:
     cond: Compare
-    then: "Expr"
-    other: "Expr"
+    then: Expr
+    other: Expr
     loc: Loc = field(default=NOLOC, compare=False)
 
 

@@ -2,11 +2,18 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter; it must be chosen before any kernel is
+# defined, i.e. before a generated module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.miras"))
@@ -44,7 +51,7 @@ def layer_dims(ir, B, H, K, V):
         return [(K, V)]
     hidden = mem.expansion * K
     dims = [K] + [hidden] * (mem.depth - 1) + [V]
-    return list(zip(dims[:-1], dims[1:]))
+    return list(itertools.pairwise(dims))
 
 
 def make_state(ir, B, H, K, V, dtype=torch.float64, gen=None, scale=1.0):

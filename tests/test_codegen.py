@@ -613,7 +613,7 @@ def test_validation_messages():
     )
     err(ValueError, r"chunk_size must be a power of two .* got 3", **good, chunk_size=3)
     err(ValueError, r"backend must be .* got 'cuda'", **good, backend="cuda")
-    err(NotImplementedError, r"the triton backend is not generated yet", **good, backend="triton")
+    err(NotImplementedError, r"the triton backend does not cover this layer yet", **good, backend="triton")
     err(TypeError, r"q, k and v must share one dtype", **{**good, "k": k.float()})
     err(
         TypeError,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import EXAMPLE_NAMES, assert_close, flatten_state, make_inputs, make_state
 
 B, H, K, V = 2, 2, 8, 8
@@ -64,7 +63,7 @@ def test_decode_equals_parallel(compiled_examples, name, backend):
     q, k, v, params, gen = make_inputs(ir, B, T, H, K, V, seed=7)
     state0 = make_state(ir, B, H, K, V, gen=gen)
     with torch.no_grad():
-        o_full, s_full = module.memory(q, k, v, **params, initial_state=state0, output_final_state=True,
+        o_full, _s_full = module.memory(q, k, v, **params, initial_state=state0, output_final_state=True,
                                        chunk_size=chunk, backend=backend)
         pre = {n: (p if p.dim() == 1 else p[:, :P]) for n, p in params.items()}
         o_pre, s_pre = module.memory(q[:, :P], k[:, :P], v[:, :P], **pre, initial_state=state0,

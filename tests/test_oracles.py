@@ -10,7 +10,6 @@ import math
 
 import pytest
 import torch
-
 from conftest import assert_close, make_inputs, make_state
 
 B, T, H, K, V = 2, 9, 2, 6, 6
@@ -33,7 +32,7 @@ def _outer(a, b):
 
 
 def test_linear_attention(compiled_examples):
-    ir, q, k, v, params, gen = _setup(compiled_examples, "linear_attention")
+    _ir, q, k, v, params, gen = _setup(compiled_examples, "linear_attention")
     S = torch.randn(B, H, K, V, dtype=torch.float64, generator=gen)
     o_ref, s_ref = _reference(compiled_examples, "linear_attention", q, k, v, params, S)
     o = []
@@ -45,7 +44,7 @@ def test_linear_attention(compiled_examples):
 
 
 def test_mamba2_decay(compiled_examples):
-    ir, q, k, v, params, gen = _setup(compiled_examples, "mamba2")
+    _ir, q, k, v, params, gen = _setup(compiled_examples, "mamba2")
     S = torch.randn(B, H, K, V, dtype=torch.float64, generator=gen)
     o_ref, s_ref = _reference(compiled_examples, "mamba2", q, k, v, params, S)
     a = params["alpha"]
@@ -58,7 +57,7 @@ def test_mamba2_decay(compiled_examples):
 
 
 def test_deltanet(compiled_examples):
-    ir, q, k, v, params, gen = _setup(compiled_examples, "deltanet")
+    _ir, q, k, v, params, gen = _setup(compiled_examples, "deltanet")
     S = torch.randn(B, H, K, V, dtype=torch.float64, generator=gen)
     o_ref, s_ref = _reference(compiled_examples, "deltanet", q, k, v, params, S)
     beta = params["beta"]
@@ -73,7 +72,7 @@ def test_deltanet(compiled_examples):
 
 
 def test_gated_deltanet(compiled_examples):
-    ir, q, k, v, params, gen = _setup(compiled_examples, "gated_deltanet")
+    _ir, q, k, v, params, gen = _setup(compiled_examples, "gated_deltanet")
     S = torch.randn(B, H, K, V, dtype=torch.float64, generator=gen)
     o_ref, s_ref = _reference(compiled_examples, "gated_deltanet", q, k, v, params, S)
     beta, alpha = params["beta"], params["alpha"]
@@ -206,7 +205,7 @@ def test_memora(compiled_examples):
 @pytest.mark.parametrize("chunk", [4, 8])
 def test_mini_batch_gd_linear(compiled_examples, chunk):
     """TTT-linear's mini-batch rule: in a chunk every gradient is taken at the chunk's first state."""
-    ir, q, k, v, params, gen = _setup(compiled_examples, "ttt_linear", seed=3)
+    _ir, q, k, v, params, gen = _setup(compiled_examples, "ttt_linear", seed=3)
     module, _ = compiled_examples["ttt_linear"]
     S0 = torch.randn(B, H, K, V, dtype=torch.float64, generator=gen)
     o_ref, s_ref = module.memory(q, k, v, **params, initial_state=S0, output_final_state=True,

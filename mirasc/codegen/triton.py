@@ -5,8 +5,10 @@ The kernels are generic in the bias: the compiler prints the derived gradient an
 """
 from __future__ import annotations
 
+import re
+
 from ..ir import LayerIR
-from .printers import triton_bias_source
+from .printers import _wrap_stmt, triton_bias_source
 
 MIN_CHUNK = 16  # tl.dot needs tiles of at least 16 rows
 
@@ -21,6 +23,8 @@ def unsupported_reason(ir: LayerIR) -> str | None:
         p = params[op]
         return "const" if p.kind == "const" else ("channel" if p.shape == "channel" else "head")
 
+    if ir.bias.vjp is None:
+        return "the bias carries no derived VJP for the backward kernel"
     if ir.memory.kind != "linear":
         return "the triton backend covers matrix memories; MLP memories run on the torch backend"
     if ir.retention.map != "id":
@@ -32,8 +36,19 @@ def unsupported_reason(ir: LayerIR) -> str | None:
     return None
 
 
-def _indent(lines: list[str], n: int = 4) -> str:
-    return "\n".join(" " * n + line for line in lines)
+_VSUM = '''@triton.jit
+def _vsum(x, vmask):
+    """Sum over the value dimension of a [BT, BV] tile, padded columns excluded: [BT, 1]."""
+    return tl.sum(tl.where(vmask[None, :], x, 0.0), axis=1)[:, None]
+'''
+
+
+def _body(lines: list[str]) -> str:
+    """Statements of a jit function body (8 spaces: the kernels sit inside `if _HAS_TRITON:`)."""
+    text = "\n".join(part for line in lines for part in _wrap_stmt(line, indent=" " * 4, width=106))
+    if re.search(r"\bV\b", text):  # mean() divides by the true value dimension
+        text = "    V = tl.sum(vmask.to(tl.float32), axis=0)\n" + text
+    return text
 
 
 def triton_context(ir: LayerIR) -> dict | None:
@@ -47,19 +62,18 @@ def triton_context(ir: LayerIR) -> dict | None:
         kind = "learnable" if p.kind == "learnable" else ("channel" if p.shape == "channel" else "head")
         bias_params.append({"name": name, "kind": kind})
     names = {p["name"]: f"p_{p['name']}" for p in bias_params}
-    tb = triton_bias_source(ir.bias, y="y", v="v", w="w", V="V", params=names, mask="vmask[None, :]")
+    tb = triton_bias_source(ir.bias, y="y", v="v", w="w", V="V", params=names, mask="vmask",
+                            reduce="_vsum({x}, {mask})")
     args = "".join(f", p_{p['name']}" for p in bias_params)
     douts = "".join(f", d_{p['name']}" for p in bias_params)
     src = (
-        f"{tb.helpers.rstrip()}\n\n\n"
+        f"{tb.helpers.rstrip()}\n\n\n{_VSUM}\n\n"
         f"@triton.jit\ndef _bias_grad(y, v, vmask{args}):\n"
         f'    """dL/dy of the bias on a [BT, BV] tile (padded columns are masked out of reductions)."""\n'
-        f"    V = tl.sum(vmask.to(tl.float32), axis=0)\n"
-        f"{_indent(tb.grad)}\n    return g\n\n\n"
+        f"{_body(tb.grad)}\n    return g\n\n\n"
         f"@triton.jit\ndef _bias_vjp(y, v, w, vmask{args}):\n"
         f'    """The VJP of _bias_grad at the cotangent w: (dy, dv, d<param>...)."""\n'
-        f"    V = tl.sum(vmask.to(tl.float32), axis=0)\n"
-        f"{_indent(tb.vjp)}\n    return dy, dv{douts}\n"
+        f"{_body(tb.vjp)}\n    return dy, dv{douts}\n"
     )
     lr = ir.algorithm.lr
     eta_channel = isinstance(lr, str) and by_name[lr].kind == "gate" and by_name[lr].shape == "channel"
