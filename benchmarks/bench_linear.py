@@ -1,0 +1,233 @@
+"""Matrix-memory layers on the GPU: agreement with the reference at full shape, then speed beside peers.
+
+    python benchmarks/bench_linear.py [--out DIR] [--quick]
+
+Part 1 (agreement, B=8, T=2048, H=16, K=V=64, bf16): the triton backend's outputs and final state
+against the reference backend run in float32 on the same (bf16-rounded) inputs, and its gradients of
+every input against the torch backend in float32 (the torch backend equals the reference in CI); no NaN,
+and the error is taken over every output element.
+Part 2 (speed): median ms of triton.testing.do_bench for the generated layers and, in the same run, the
+peers of ../shared/BENCHMARKS.md (fla, when its wheels are on PYTHONPATH; F.scaled_dot_product_attention).
+Part 3: time against T (2K .. 64K) for the lp(p=3) layer.
+Prints a markdown table and writes it to benchmarks/results/ (or --out).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mirasc.compiler import compile_spec
+
+B, T, H, D = 8, 2048, 16, 64
+DEV = "cuda"
+
+LAYERS = {
+    "dot + decay (chunk 64)": ("dot", "decay(a)", "1", ["gate a : head = sigmoid(rank=4, init=0.97)"]),
+    "l2 + decay, mini-batch (chunk 64)": ("l2", "decay(a)", "eta", [
+        "gate a : head = sigmoid(rank=4, init=0.97)", "gate eta : head = softplus(rank=4, init=0.1)"]),
+    "lp(p=3) + decay (chunk 64)": ("lp(p=3)", "decay(a)", "eta", [
+        "gate a : head = sigmoid(rank=4, init=0.97)", "gate eta : head = softplus(rank=4, init=0.1)"]),
+    "Cauchy (custom) + decay (chunk 64)": ("sum(log(1 + ((y - v) / c)^2))", "decay(a)", "eta", [
+        "param c = learnable(1.0, softplus)", "gate a : head = sigmoid(rank=4, init=0.97)",
+        "gate eta : head = softplus(rank=4, init=0.1)"]),
+}
+
+
+def compile_layer(i: int, bias: str, retention: str, lr: str, decls: list[str]):
+    text = "\n".join([f"layer Bench{i} {{", f"    heads {H}", f"    key_dim {D}", f"    value_dim {D}",
+                      "    memory linear", *("    " + d for d in decls), f"    bias {bias}",
+                      f"    retention {retention}", f"    algorithm gd(lr={lr}, chunk=64)", "}"])
+    compiled = compile_spec(text, f"bench{i}.miras")
+    path = Path(tempfile.mkdtemp()) / f"bench{i}.py"
+    path.write_text(compiled.source)
+    spec = importlib.util.spec_from_file_location(f"bench{i}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, compiled.ir
+
+
+def inputs(ir, Tn=T, dtype=torch.bfloat16, seed=0, Bn=B):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    q = F.normalize(torch.randn(Bn, Tn, H, D, device=DEV, generator=g), dim=-1).to(dtype)
+    k = F.normalize(torch.randn(Bn, Tn, H, D, device=DEV, generator=g), dim=-1).to(dtype)
+    v = torch.randn(Bn, Tn, H, D, device=DEV, generator=g).to(dtype)
+    params = {}
+    for p in ir.inputs():
+        lo, hi = (0.9, 0.999) if p.activation == "sigmoid" else (0.05, 0.3)
+        shape = (H,) if p.kind == "learnable" else (Bn, Tn, H)
+        params[p.name] = lo + (hi - lo) * torch.rand(shape, device=DEV, generator=g)
+    return q, k, v, params
+
+
+def rel(a, b) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def agreement(name, module, ir, rows):
+    q, k, v, params = inputs(ir, seed=1)
+    s0 = 0.1 * torch.randn(B, H, D, D, device=DEV)
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, *params.values(), s0)]
+    torch.cuda.synchronize()
+    o, s = module.memory(*leaves[:3], **dict(zip(params, leaves[3:-1])), initial_state=leaves[-1],
+                         output_final_state=True, backend="triton")
+    w_o, w_s = torch.randn_like(o, dtype=torch.float32), torch.randn_like(s)
+    ((o.float() * w_o).sum() + (s * w_s).sum()).backward()
+    with torch.no_grad():
+        o_ref, s_ref = module.memory(q.float(), k.float(), v.float(), **params, initial_state=s0,
+                                     output_final_state=True, backend="reference")
+    ref_leaves = [x.detach().float().clone().requires_grad_() for x in (q, k, v, *params.values(), s0)]
+    o_t, s_t = module.memory(*ref_leaves[:3], **dict(zip(params, ref_leaves[3:-1])),
+                             initial_state=ref_leaves[-1], output_final_state=True, backend="torch")
+    ((o_t * w_o).sum() + (s_t * w_s).sum()).backward()
+    errs = {"o": rel(o, o_ref), "state": rel(s, s_ref)}
+    for n, a, b in zip(["dq", "dk", "dv", *[f"d{p}" for p in params], "ds0"], leaves, ref_leaves):
+        errs[n] = rel(a.grad, b.grad)
+    finite = all(torch.isfinite(x).all().item() for x in (o, s, *(x.grad for x in leaves)))
+    worst = max(errs.values())
+    ok = finite and worst < 1e-2
+    rows.append(f"| {name} | {errs['o']:.1e} | {errs['state']:.1e} | {max(v for k_, v in errs.items() if k_.startswith('d')):.1e} "
+                f"| {'yes' if finite else 'NO'} | {'PASS' if ok else 'FAIL'} |")
+    print(rows[-1], flush=True)
+    return ok
+
+
+def bench(fn, what):
+    try:
+        ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        return ms
+    except Exception as exc:  # noqa: BLE001 - a peer that refuses to run is reported, not fatal
+        print(f"  {what}: failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+        return float("nan")
+
+
+def fwd_bwd(run, leaves):
+    def f():
+        for x in leaves:
+            x.grad = None
+        out = run()
+        out.float().sum().backward()
+    return f
+
+
+def time_layer(module, ir, Tn=T, backend="triton", Bn=B):
+    q, k, v, params = inputs(ir, Tn, Bn=Bn)
+    leaves = [x.requires_grad_() for x in (q, k, v, *params.values())]
+    p = dict(zip(params, leaves[3:]))
+
+    def run():
+        return module.memory(*leaves[:3], **p, backend=backend)[0]
+
+    with torch.no_grad():
+        fwd = bench(run, "fwd")
+    return fwd, bench(fwd_bwd(run, leaves), "fwd+bwd")
+
+
+def peers():
+    out = {}
+    q = F.normalize(torch.randn(B, T, H, D, device=DEV), dim=-1).bfloat16().requires_grad_()
+    k = F.normalize(torch.randn(B, T, H, D, device=DEV), dim=-1).bfloat16().requires_grad_()
+    v = torch.randn(B, T, H, D, device=DEV).bfloat16().requires_grad_()
+    qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+
+    def sdpa():
+        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+    with torch.no_grad():
+        f = bench(sdpa, "sdpa")
+    out["causal softmax attention (SDPA)"] = (f, bench(fwd_bwd(sdpa, [qt, kt, vt]), "sdpa bwd"))
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        from fla.ops.simple_gla import chunk_simple_gla
+        from fla.ops.ttt import chunk_ttt_linear
+    except Exception as exc:  # noqa: BLE001 - fla is optional
+        print(f"fla not available: {exc}", flush=True)
+        return out
+    g = torch.log(0.9 + 0.09 * torch.rand(B, T, H, device=DEV)).requires_grad_()
+    beta = torch.rand(B, T, H, device=DEV).bfloat16().requires_grad_()
+    eta = (0.05 + 0.1 * torch.rand(B, T, H, 1, device=DEV)).bfloat16().requires_grad_()
+    w = torch.ones(H, D, device=DEV).bfloat16().requires_grad_()
+    bb = torch.zeros(H, D, device=DEV).bfloat16().requires_grad_()
+    cases = {
+        "fla chunk_simple_gla": (lambda: chunk_simple_gla(q, k, v, g=g)[0], [q, k, v, g]),
+        "fla chunk_gated_delta_rule": (lambda: chunk_gated_delta_rule(q, k, v, g=g, beta=beta)[0],
+                                       [q, k, v, g, beta]),
+        "fla chunk_ttt_linear (chunk 16)": (lambda: chunk_ttt_linear(q, k, v, w, bb, eta, chunk_size=16)[0],
+                                            [q, k, v, eta, w, bb]),
+    }
+    for name, (fn, leaves) in cases.items():
+        with torch.no_grad():
+            f = bench(fn, name)
+        out[name] = (f, bench(fwd_bwd(fn, leaves), name + " bwd"))
+        print(f"| {name} | {out[name][0]:.3f} | {out[name][1]:.3f} |", flush=True)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--quick", action="store_true", help="skip the T sweep")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    props = torch.cuda.get_device_properties(0)
+    head = (f"# Matrix-memory layers: agreement and speed\n\n{datetime.date.today()} · {props.name} · "
+            f"torch {torch.__version__} · triton {triton.__version__} · B={B}, T={T}, H={H}, K=V={D}, bf16\n")
+    print(head, flush=True)
+    modules = {name: compile_layer(i, *spec) for i, (name, spec) in enumerate(LAYERS.items())}
+
+    agree = ["## Agreement (triton, bf16) vs reference fp32 (o, state) and torch fp32 (grads)\n",
+             "| layer | rel err o | rel err state | max rel err grads | finite | verdict |", "|---|---|---|---|---|---|"]
+    print("\n".join(agree), flush=True)
+    all_ok = True
+    for name, (module, ir) in modules.items():
+        try:
+            all_ok &= agreement(name, module, ir, agree)
+        except Exception:  # noqa: BLE001 - report the layer as failed and go on
+            traceback.print_exc()
+            all_ok = False
+            agree.append(f"| {name} | error | | | | FAIL |")
+
+    speed = ["\n## Speed (ms, median)\n", "| layer | fwd | fwd+bwd |", "|---|---|---|"]
+    print("\n".join(speed), flush=True)
+    for name, (module, ir) in modules.items():
+        f, fb = time_layer(module, ir)
+        speed.append(f"| mirasc {name} | {f:.3f} | {fb:.3f} |")
+        print(speed[-1], flush=True)
+    module, ir = modules["lp(p=3) + decay (chunk 64)"]
+    f, fb = time_layer(module, ir, backend="torch")
+    speed.append(f"| mirasc lp(p=3) + decay, torch backend (eager PyTorch) | {f:.3f} | {fb:.3f} |")
+    print(speed[-1], flush=True)
+    for name, (f, fb) in peers().items():
+        speed.append(f"| {name} | {f:.3f} | {fb:.3f} |")
+
+    sweep = []
+    if not args.quick:
+        sweep = ["\n## lp(p=3) + decay: time against T (B=1, H=16)\n", "| T | fwd ms | fwd+bwd ms | fwd+bwd us / 1K tokens |",
+                 "|---|---|---|---|"]
+        print("\n".join(sweep), flush=True)
+        for Tn in (2048, 8192, 32768, 65536):
+            f, fb = time_layer(module, ir, Tn, Bn=1)
+            sweep.append(f"| {Tn} | {f:.3f} | {fb:.3f} | {1000 * fb / (Tn / 1024):.1f} |")
+            print(sweep[-1], flush=True)
+
+    text = "\n".join([head, *agree, *speed, *sweep]) + "\n"
+    print("\n" + text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"linear_{props.name.replace(' ', '_')}_{datetime.date.today()}.md").write_text(text)
+    return 0 if all_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
