@@ -107,6 +107,8 @@ def test_triton_prefill_then_decode(tmp_path):
     module, ir = _compile(0, *VARIANTS[0][:8], tmp_path)
     B, H, K, V, P, T = 2, 2, 16, 16, 32, 37
     q, k, v, params, _gen = make_inputs(ir, B, T, H, K, V, dtype=torch.float32, seed=5)
+    q, k, v = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
+    params = {n: p.to(DEVICE) for n, p in params.items()}
     with torch.no_grad():
         o_full, _ = module.memory(q, k, v, **params, chunk_size=16, backend="reference")
         pre = {n: p[:, :P] for n, p in params.items()}
