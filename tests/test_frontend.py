@@ -464,3 +464,12 @@ def test_language_reference_names_every_library_entry() -> None:
     for entry in (*catalog.BIASES.values(), *catalog.RETENTIONS.values(), *catalog.ALGORITHMS.values()):
         for arg in entry.args:
             assert arg.name in doc, (entry.name, arg.name)
+
+
+def test_mlp_memory_defaults_to_learned_init_and_refuses_zero():
+    base = "layer X {\n    memory mlp%s\n    bias l2\n    retention none\n    algorithm gd(lr=0.1)\n}\n"
+    assert load_spec(base % "", "x.miras").memory.init == "learned"
+    with pytest.raises(SpecError) as err:
+        load_spec(base % " init zero", "x.miras")
+    assert (err.value.line, err.value.col) == (2, 21)
+    assert "no useful zero state" in str(err.value)

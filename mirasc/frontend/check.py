@@ -238,6 +238,11 @@ class _Checker:
             return MemorySpec(kind="linear", init=init, loc=fn.loc)  # type: ignore[arg-type]
         if fn.text != "mlp":
             self.fail(fn.loc, f"unknown memory '{fn.text}'; expected one of: linear, mlp")
+        if stmt.init is None:
+            init = "learned"  # an MLP memory starts from outer-loop weights (a zero MLP cannot learn)
+        elif init == "zero":
+            self.fail(stmt.init.loc, "an MLP memory has no useful zero state (its gradients vanish); "
+                                     "use init learned")
         args = self.bind(kind, MLP, "mlp")
         depth = self.integer(self.number(args["depth"]), args["depth"].loc, "mlp depth", 1, 4)
         expansion = self.integer(self.number(args["expansion"]), args["expansion"].loc, "mlp expansion", 1, 8)
