@@ -1,4 +1,4 @@
-"""`mirasc compile | check | explain`: the command line. Spec errors print as file:line:col, never a traceback."""
+"""`mirasc compile | check | explain | bench`: the command line. Spec errors print as file:line:col, never a traceback."""
 from __future__ import annotations
 
 import argparse
@@ -46,6 +46,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    for path in args.specs:
+        _read(path)
+        run_bench(path, args.batch, args.seq, args.dtype, args.device, args.reps)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -62,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("explain", help="print the derived update rule")
     p.add_argument("specs", nargs="+", metavar="SPEC")
     p.set_defaults(run=cmd_explain)
+    p = sub.add_parser("bench", help="time the layer's memory on every backend beside softmax attention")
+    p.add_argument("specs", nargs="+", metavar="SPEC")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
+    p.add_argument("--reps", type=int, default=20, help="timed repetitions (median reported)")
+    p.set_defaults(run=cmd_bench)
     return parser
 
 

@@ -108,3 +108,14 @@ def test_wheel_ships_grammar_and_templates(tmp_path):
                        check=False)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out" / "memora.py").exists()
+
+
+@pytest.mark.parametrize("name", ["yaad", "cauchy"])
+def test_bench_prints_a_table(name):
+    """`mirasc bench` runs every applicable backend and prints one row each (timings are not checked)."""
+    r = mirasc("bench", str(ROOT / "examples" / f"{name}.miras"), "--batch", "1", "--seq", "32", "--reps", "1",
+               "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert "| memory, torch backend |" in r.stdout and "| one decode step |" in r.stdout
+    assert "(SDPA)" in r.stdout
+    assert ("triton backend" in r.stdout) == (name == "cauchy")  # an MLP memory has no triton kernels
