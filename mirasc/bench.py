@@ -81,8 +81,9 @@ def run_bench(spec_path: str, batch: int, seq: int, dtype: str, device: str, rep
         params[p.name] = lo + (hi - lo) * torch.rand(shape, device=dev, generator=g)
     state = _state(ir, B, H, K, V, dev)
     warmup = 3
-    rows = [f"# {ir.name}: B={B}, T={T}, H={H}, K={K}, V={V}, {str(dt).replace('torch.', '')}, {dev.type}, "
-            f"chunk {ir.algorithm.chunk}", "", "| what | fwd ms | fwd+bwd ms |", "|---|---|---|"]
+    title = (f"# {ir.name}: B={B}, T={T}, H={H}, K={K}, V={V}, {str(dt).replace('torch.', '')}, {dev.type}, "
+             f"chunk {ir.algorithm.chunk}")
+    rows = [title, "", "| what | fwd ms | fwd+bwd ms |", "|---|---|---|"]
     print("\n".join(rows), file=out, flush=True)
     backends = ["torch"] + (["triton"] if "_memory_triton" in vars(module) else [])
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
