@@ -103,7 +103,7 @@ def vjp_lines(bias) -> list[str]:
 
 _CLASS_NOTE = {
     "independent": "g does not depend on y: the chunked form is exact for any chunk size",
-    "affine": "g = y - c(v), unit Hessian: the delta rule, exact parallel (WY) form",
+    "affine": "g = y - c(v), unit Hessian: the delta-rule class",
     "nonlinear": "chunk-wise mini-batch GD at the chunk's base state; chunk 1 is exact",
 }
 
