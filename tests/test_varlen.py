@@ -1,9 +1,10 @@
 """Packed variable-length batches (cu_seqlens): equal to one call per sequence, gradients included."""
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
-
 from conftest import assert_close, flatten_state, make_inputs, make_state
 
 H, K, V = 2, 16, 16
@@ -35,7 +36,7 @@ def test_packed_equals_separate_calls(compiled_examples, name, backend):
                              chunk_size=chunk, backend=backend, cu_seqlens=cu)
     o.square().sum().backward()
     bounds = cu.tolist()
-    for n, (a, b) in enumerate(zip(bounds, bounds[1:])):
+    for n, (a, b) in enumerate(pairwise(bounds)):
         s_n = [x[n:n + 1] for x in flatten_state(state0)]
         s_n = s_n[0] if torch.is_tensor(state0) else tuple(s_n)
         sub = [x[:, a:b].detach().clone().requires_grad_() for x in (q, k, v)]
