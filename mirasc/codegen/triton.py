@@ -10,8 +10,6 @@ import re
 from ..ir import LayerIR
 from .printers import _wrap_stmt, triton_bias_source
 
-MIN_CHUNK = 16  # tl.dot needs tiles of at least 16 rows
-
 
 def unsupported_reason(ir: LayerIR) -> str | None:
     """Why this layer has no Triton kernels yet (None: it has them)."""
@@ -89,7 +87,6 @@ def triton_context(ir: LayerIR) -> dict | None:
         "triton_bias_src": src,
         "needs_y": ir.bias.klass != "independent",
         "eta_channel": eta_channel,
-        "min_chunk": MIN_CHUNK,
     }
 
 
