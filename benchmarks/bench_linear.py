@@ -33,22 +33,30 @@ from mirasc.compiler import compile_spec
 B, T, H, D = 8, 2048, 16, 64
 DEV = "cuda"
 
-LAYERS = {
-    "dot + decay (chunk 64)": ("dot", "decay(a)", "1", ["gate a : head = sigmoid(rank=4, init=0.97)"]),
+LAYERS = {  # name: (bias, retention, lr, declarations, chunk, gradient point)
+    "dot + decay (chunk 64)": ("dot", "decay(a)", "1", ["gate a : head = sigmoid(rank=4, init=0.97)"], 64,
+                               "previous"),
     "l2 + decay, mini-batch (chunk 64)": ("l2", "decay(a)", "eta", [
-        "gate a : head = sigmoid(rank=4, init=0.97)", "gate eta : head = softplus(rank=4, init=0.1)"]),
+        "gate a : head = sigmoid(rank=4, init=0.97)", "gate eta : head = softplus(rank=4, init=0.1)"], 64,
+        "previous"),
+    "l2 exact (delta rule, chunk 1)": ("l2", "none", "beta", [
+        "gate beta : head = sigmoid(rank=4, init=0.5)"], 1, "previous"),
+    "l2 exact + decay (gated delta rule, chunk 1)": ("l2", "decay(a)", "beta", [
+        "gate a : head = sigmoid(rank=4, init=0.97)", "gate beta : head = sigmoid(rank=4, init=0.5)"], 1,
+        "retained"),
     "lp(p=3) + decay (chunk 64)": ("lp(p=3)", "decay(a)", "eta", [
-        "gate a : head = sigmoid(rank=4, init=0.97)", "gate eta : head = softplus(rank=4, init=0.1)"]),
+        "gate a : head = sigmoid(rank=4, init=0.97)", "gate eta : head = softplus(rank=4, init=0.1)"], 64,
+        "previous"),
     "Cauchy (custom) + decay (chunk 64)": ("sum(log(1 + ((y - v) / c)^2))", "decay(a)", "eta", [
         "param c = learnable(1.0, softplus)", "gate a : head = sigmoid(rank=4, init=0.97)",
-        "gate eta : head = softplus(rank=4, init=0.1)"]),
+        "gate eta : head = softplus(rank=4, init=0.1)"], 64, "previous"),
 }
 
 
-def compile_layer(i: int, bias: str, retention: str, lr: str, decls: list[str]):
+def compile_layer(i: int, bias: str, retention: str, lr: str, decls: list[str], chunk: int, at: str):
     text = "\n".join([f"layer Bench{i} {{", f"    heads {H}", f"    key_dim {D}", f"    value_dim {D}",
                       "    memory linear", *("    " + d for d in decls), f"    bias {bias}",
-                      f"    retention {retention}", f"    algorithm gd(lr={lr}, chunk=64)", "}"])
+                      f"    retention {retention}", f"    algorithm gd(lr={lr}, chunk={chunk}, at={at})", "}"])
     compiled = compile_spec(text, f"bench{i}.miras")
     path = Path(tempfile.mkdtemp()) / f"bench{i}.py"
     path.write_text(compiled.source)
@@ -67,6 +75,8 @@ def inputs(ir, Tn=T, dtype=torch.bfloat16, seed=0, Bn=B):
     for p in ir.inputs():
         # decays in (0.9, 0.99); learning rates small enough that 64 summed gradients stay stable
         lo, hi = (0.9, 0.99) if p.activation == "sigmoid" else (0.005, 0.02)
+        if p.name == "beta":  # the delta rule's step size, as in DeltaNet
+            lo, hi = 0.1, 0.9
         if p.kind == "learnable":  # the Cauchy scale c: near 1, where the loss is well conditioned
             lo, hi = 0.5, 1.5
         shape = (H,) if p.kind == "learnable" else (Bn, Tn, H)
@@ -116,6 +126,19 @@ def bench(fn, what):
         return float("nan")
 
 
+def peak_mib(fn) -> float:
+    """Memory allocated by one call of fn beyond what was live before it (MiB): fwd+bwd's working set."""
+    try:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    except Exception:  # noqa: BLE001 - reported as missing, like a failed timing
+        return float("nan")
+
+
 def fwd_bwd(run, leaves):
     def f():
         for x in leaves:
@@ -135,7 +158,8 @@ def time_layer(module, ir, Tn=T, backend="triton", Bn=B):
 
     with torch.no_grad():
         fwd = bench(run, "fwd")
-    return fwd, bench(fwd_bwd(run, leaves), "fwd+bwd")
+    both = fwd_bwd(run, leaves)
+    return fwd, bench(both, "fwd+bwd"), peak_mib(both)
 
 
 def peers():
@@ -149,9 +173,11 @@ def peers():
         return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
     with torch.no_grad():
         f = bench(sdpa, "sdpa")
-    out["causal softmax attention (SDPA)"] = (f, bench(fwd_bwd(sdpa, [qt, kt, vt]), "sdpa bwd"))
+    both = fwd_bwd(sdpa, [qt, kt, vt])
+    out["causal softmax attention (SDPA)"] = (f, bench(both, "sdpa bwd"), peak_mib(both))
     try:
         import fla.ops.common.chunk_o as fla_chunk_o
+        from fla.ops.delta_rule import chunk_delta_rule
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
         from fla.ops.simple_gla import chunk_simple_gla
         from fla.ops.ttt import chunk_ttt_linear
@@ -168,6 +194,7 @@ def peers():
     bb = torch.zeros(H, D, device=DEV).bfloat16().requires_grad_()
     cases = {
         "fla chunk_simple_gla": (lambda: chunk_simple_gla(q, k, v, g=g)[0], [q, k, v, g]),
+        "fla chunk_delta_rule": (lambda: chunk_delta_rule(q, k, v, beta=beta)[0], [q, k, v, beta]),
         "fla chunk_gated_delta_rule": (lambda: chunk_gated_delta_rule(q, k, v, g=g, beta=beta)[0],
                                        [q, k, v, g, beta]),
         "fla chunk_ttt_linear (chunk 16)": (lambda: chunk_ttt_linear(q, k, v, w, bb, eta, chunk_size=16)[0],
@@ -176,8 +203,9 @@ def peers():
     for name, (fn, leaves) in cases.items():
         with torch.no_grad():
             f = bench(fn, name)
-        out[name] = (f, bench(fwd_bwd(fn, leaves), name + " bwd"))
-        print(f"| {name} | {out[name][0]:.3f} | {out[name][1]:.3f} |", flush=True)
+        both = fwd_bwd(fn, leaves)
+        out[name] = (f, bench(both, name + " bwd"), peak_mib(both))
+        print(f"| {name} | {out[name][0]:.3f} | {out[name][1]:.3f} | {out[name][2]:.0f} |", flush=True)
     return out
 
 
@@ -205,15 +233,16 @@ def main() -> int:
             all_ok = False
             agree.append(f"| {name} | error | | | | FAIL |")
 
-    speed = ["\n## Speed (ms, median)\n", "| layer | fwd | fwd+bwd |", "|---|---|---|"]
+    speed = ["\n## Speed (ms, median) and memory (MiB allocated by one fwd+bwd beyond its inputs)\n",
+             "| layer | fwd | fwd+bwd | peak MiB |", "|---|---|---|---|"]
     print("\n".join(speed), flush=True)
     for name, (module, ir) in modules.items():
-        f, fb = time_layer(module, ir)
-        speed.append(f"| mirasc {name} | {f:.3f} | {fb:.3f} |")
+        f, fb, mem = time_layer(module, ir)
+        speed.append(f"| mirasc {name} | {f:.3f} | {fb:.3f} | {mem:.0f} |")
         print(speed[-1], flush=True)
     module, ir = modules["lp(p=3) + decay (chunk 64)"]
-    f, fb = time_layer(module, ir, backend="torch")
-    speed.append(f"| mirasc lp(p=3) + decay, torch backend (eager PyTorch) | {f:.3f} | {fb:.3f} |")
+    f, fb, mem = time_layer(module, ir, backend="torch")
+    speed.append(f"| mirasc lp(p=3) + decay, torch backend (eager PyTorch) | {f:.3f} | {fb:.3f} | {mem:.0f} |")
     print(speed[-1], flush=True)
     for name, (module, ir) in modules.items():  # one decode step (torch ops; no fused step kernel yet)
         q, k, v, params = inputs(ir, 1)
@@ -222,10 +251,10 @@ def main() -> int:
         with torch.no_grad():
             args = (q[:, 0], k[:, 0], v[:, 0])
             ms = bench(lambda m=module, a=args, s=state, t=tok: m.step(*a, **t, state=s), "step")
-        speed.append(f"| mirasc {name}: one decode step (B={B}, H={H}) | {ms:.4f} | |")
+        speed.append(f"| mirasc {name}: one decode step (B={B}, H={H}) | {ms:.4f} | | |")
         print(speed[-1], flush=True)
-    for name, (f, fb) in peers().items():
-        speed.append(f"| {name} | {f:.3f} | {fb:.3f} |")
+    for name, (f, fb, mem) in peers().items():
+        speed.append(f"| {name} | {f:.3f} | {fb:.3f} | {mem:.0f} |")
 
     sweep = []
     if not args.quick:
@@ -233,7 +262,7 @@ def main() -> int:
                  "|---|---|---|---|"]
         print("\n".join(sweep), flush=True)
         for Tn in (2048, 8192, 32768, 65536):
-            f, fb = time_layer(module, ir, Tn, Bn=1)
+            f, fb, _ = time_layer(module, ir, Tn, Bn=1)
             sweep.append(f"| {Tn} | {f:.3f} | {fb:.3f} | {1000 * fb / (Tn / 1024):.1f} |")
             print(sweep[-1], flush=True)
 
