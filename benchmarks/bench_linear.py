@@ -249,8 +249,8 @@ def main() -> int:
         tok = {n: (p if p.dim() == 1 else p[:, 0]) for n, p in params.items()}
         state = module.decode_state(torch.zeros(B, H, D, D, device=DEV))
         with torch.no_grad():
-            args = (q[:, 0], k[:, 0], v[:, 0])
-            ms = bench(lambda m=module, a=args, s=state, t=tok: m.step(*a, **t, state=s), "step")
+            tok_qkv = (q[:, 0], k[:, 0], v[:, 0])
+            ms = bench(lambda m=module, a=tok_qkv, s=state, t=tok: m.step(*a, **t, state=s), "step")
         speed.append(f"| mirasc {name}: one decode step (B={B}, H={H}) | {ms:.4f} | | |")
         print(speed[-1], flush=True)
     for name, (f, fb, mem) in peers().items():

@@ -25,6 +25,7 @@ from .._resources import resource_dir
 from ..ir import LayerIR, Operand
 from ..spec import Param
 from .triton import triton_context, unsupported_reason
+from .triton_mlp import mlp_unsupported_reason, triton_mlp_context
 
 
 class CodegenError(ValueError):
@@ -402,6 +403,7 @@ def _context(ir: LayerIR, version: str) -> dict:
         ],
         "need_math": "math." in bias_src,
         **_triton_context(ir),
+        **_triton_mlp_context(ir),
     }
 
 
@@ -410,7 +412,28 @@ def _triton_context(ir: LayerIR) -> dict:
     ctx = triton_context(ir)
     if ctx is None:
         return {"triton": False, "triton_reason": unsupported_reason(ir)}
-    return {"triton": True, "triton_reason": "", **ctx}
+    return {"triton": True, "triton_reason": "", "step_inputs": _step_inputs(ir), **ctx}
+
+
+def _triton_mlp_context(ir: LayerIR) -> dict:
+    """The MLP memory's Triton kernels (templates/triton_mlp.py.j2), or why there are none.
+
+    Overrides triton_reason for MLP specs: the matrix-memory family's reason does not apply to them.
+    """
+    if ir.memory.kind != "mlp":
+        return {"triton_mlp": False}
+    ctx = triton_mlp_context(ir)
+    if ctx is None:
+        return {"triton_mlp": False, "triton_reason": mlp_unsupported_reason(ir)}
+    return {"triton_mlp": True, "triton_reason": "the fused decode step covers matrix memories only", **ctx}
+
+
+def _step_inputs(ir: LayerIR) -> list[dict]:
+    """The runtime inputs the fused step kernel reads (lr, decay, bias parameters), each once, in keyword
+    order: [{name, layout}] with layout "head" ([B, H]), "channel" ([B, H, V]) or "learnable" ([H])."""
+    used = {op for op in (ir.algorithm.lr, ir.retention.alpha, *ir.bias.params) if isinstance(op, str)}
+    return [{"name": p.name, "layout": "learnable" if p.kind == "learnable" else p.shape}
+            for p in ir.inputs() if p.name in used]
 
 
 def _environment() -> jinja2.Environment:

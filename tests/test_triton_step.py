@@ -1,0 +1,224 @@
+"""The fused triton decode step against the torch step and the reference backend, on drawn variants.
+
+Every variant decodes from a random (never zero) state and crosses a chunk boundary, so the base /
+pos bookkeeping of DecodeState is exercised, not only the arithmetic. Without a GPU the kernel runs in
+Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py): shapes stay small.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from conftest import make_inputs
+
+from mirasc.compiler import compile_spec
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (bias, declarations, retention, lr, chunk, at, K, V, dtype): every bias class, bias parameters per
+# head / channel / learnable, lr constant / per head / per channel / learnable, decay none / constant /
+# gate / learnable, at=previous and at=retained, chunk 1 and 16, K != V, head dims that are no powers
+# of two (masked lanes), fp32 and bf16.
+VARIANTS = [
+    ("lp(p=3)", ["gate a : head = sigmoid(rank=4, init=0.9)", "gate eta : head = softplus(rank=4, init=0.1)"],
+     "decay(a)", "eta", 16, "previous", 16, 8, torch.float32),
+    ("l2", ["gate beta : head = sigmoid(rank=4, init=0.5)"], "none", "beta", 1, "previous", 16, 16,
+     torch.float32),  # DeltaNet
+    ("l2", ["gate beta : head = sigmoid(rank=4, init=0.5)", "gate a : head = sigmoid(rank=4, init=0.95)"],
+     "decay(a)", "beta", 1, "retained", 8, 16, torch.bfloat16),  # Gated DeltaNet
+    ("dot", [], "decay(0.9)", "1", 16, "previous", 16, 16, torch.bfloat16),  # RetNet
+    ("huber_norm(d)", ["gate d : head = softplus(rank=4, init=1.0)", "param a = learnable(0.9, sigmoid)",
+                       "gate eta : channel = softplus(rank=4, init=0.1)"],
+     "decay(a)", "eta", 16, "retained", 12, 20, torch.float32),
+    ("sum(log(1 + ((y - v) / c)^2))", ["param c = learnable(1.0, softplus)"], "none", "0.3", 1, "previous",
+     16, 8, torch.float32),  # a custom (Cauchy) bias with a learnable parameter
+    ("lp(p=3)", ["gate eta : channel = softplus(rank=4, init=0.1)"], "decay(0.95)", "eta", 16, "retained",
+     16, 16, torch.bfloat16),
+    ("huber(d)", ["gate d : channel = softplus(rank=4, init=0.5)", "gate a : head = sigmoid(rank=4, init=0.9)",
+                  "param lr = learnable(0.3, softplus)"], "decay(a)", "lr", 1, "retained", 8, 8, torch.float32),
+    ("dot", ["gate a : head = sigmoid(rank=4, init=0.9)"], "decay(a)", "0.5", 16, "retained", 16, 8,
+     torch.float32),  # y-independent bias: the base is still carried (and decayed) for at=retained
+]
+
+
+def _compile(i, bias, decls, retention, lr, chunk, at, K, V, tmp_path):
+    text = "\n".join([f"layer StepVariant{i} {{", "    heads 2", f"    key_dim {K}", f"    value_dim {V}",
+                      "    memory linear", *("    " + d for d in decls), f"    bias {bias}",
+                      f"    retention {retention}", f"    algorithm gd(lr={lr}, chunk={chunk}, at={at})", "}"])
+    compiled = compile_spec(text, f"step_variant{i}.miras")
+    path = tmp_path / f"step_variant{i}.py"
+    path.write_text(compiled.source)
+    spec = importlib.util.spec_from_file_location(f"_step_variant{i}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    assert hasattr(module, "_step_kernel"), "the variant has no fused step kernel"
+    return module, compiled.ir
+
+
+class _CountLaunches:
+    """Stands in for the module's _step_kernel and counts its launches (so a silent torch fallback fails)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+def _inputs(ir, dtype, B, T, H, K, V, seed):
+    """Inputs in the run's dtype, their float64 images (the values it sees exactly) and a random state."""
+    q, k, v, params, gen = make_inputs(ir, B, T, H, K, V, dtype=torch.float64, seed=seed)
+    low = [x.to(dtype).to(DEVICE) for x in (q, k, v, *params.values())]
+    s0 = (0.5 * torch.randn(B, H, K, V, dtype=torch.float64, generator=gen)).float().to(DEVICE)
+    return low[:3], dict(zip(params, low[3:])), s0
+
+
+def _f64(xs):
+    return [x.double() for x in xs]
+
+
+def _rel(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _decode(module, qkv, params, state, chunk, backend, start, stop):
+    """step() over tokens start..stop-1 -> (outputs [B, T, H, V], the last DecodeState)."""
+    q, k, v = qkv
+    outs = []
+    for t in range(start, stop):
+        o, state = module.step(q[:, t], k[:, t], v[:, t], **{n: (p if p.dim() == 1 else p[:, t])
+                                                             for n, p in params.items()},
+                               state=state, chunk_size=chunk, backend=backend)
+        assert o.dtype == v.dtype and o.shape == (v.shape[0], v.shape[2], v.shape[3])
+        outs.append(o)
+    return torch.stack(outs, 1), state
+
+
+@pytest.mark.parametrize("i", range(len(VARIANTS)))
+def test_triton_step_matches_torch_step_and_reference(i, tmp_path, monkeypatch):
+    bias, decls, retention, lr, chunk, at, K, V, dtype = VARIANTS[i]
+    module, ir = _compile(i, bias, decls, retention, lr, chunk, at, K, V, tmp_path)
+    counter = _CountLaunches(module._step_kernel)
+    monkeypatch.setattr(module, "_step_kernel", counter)
+    B, H = 2, 2
+    T = chunk + 5 if chunk > 1 else 7  # crosses a chunk boundary, ends inside a chunk
+    qkv, params, s0 = _inputs(ir, dtype, B, T, H, K, V, seed=2000 + i)
+
+    o_tr, st_tr = _decode(module, qkv, params, module.decode_state(s0), chunk, "triton", 0, T)
+    assert counter.launches == T, "step(backend='triton') did not run the fused kernel for every token"
+    o_to, st_to = _decode(module, qkv, params, module.decode_state(s0), chunk, "torch", 0, T)
+    assert counter.launches == T
+    o_ref, s_ref = module.memory(*_f64(qkv), **dict(zip(params, _f64(params.values()))),
+                                 initial_state=s0.double(), output_final_state=True, chunk_size=chunk,
+                                 backend="reference")
+
+    # Triton and torch steps: the same rule in float32, only summation order differs.
+    o_tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16 outputs: 8 bits (the interpreter truncates)
+    assert _rel(o_tr, o_to) < o_tol, f"o vs torch step: {_rel(o_tr, o_to):.2e}"
+    assert st_tr.pos == st_to.pos == T % chunk
+    assert st_tr.state.dtype == torch.float32 and st_tr.base.dtype == torch.float32
+    assert _rel(st_tr.state, st_to.state) < 1e-5, f"state vs torch step: {_rel(st_tr.state, st_to.state):.2e}"
+    assert _rel(st_tr.base, st_to.base) < 1e-5, f"base vs torch step: {_rel(st_tr.base, st_to.base):.2e}"
+    # Against the oracle: the whole sequence as one memory() call, float64.
+    o_tol = 1e-4 if dtype == torch.float32 else 1e-2
+    assert torch.isfinite(o_tr).all() and torch.isfinite(st_tr.state).all()
+    assert _rel(o_tr, o_ref) < o_tol, f"o vs reference: {_rel(o_tr, o_ref):.2e}"
+    assert _rel(st_tr.state, s_ref) < 1e-4, f"final state vs reference: {_rel(st_tr.state, s_ref):.2e}"
+    assert _rel(s_ref, s0) > 1e-2, "the state barely moved: the comparison could not fail"
+
+
+@pytest.mark.parametrize("i", [0, 2, 4, 5, 6])
+def test_prefill_then_triton_steps_equals_one_call(i, tmp_path):
+    bias, decls, retention, lr, chunk, at, K, V, dtype = VARIANTS[i]
+    module, ir = _compile(i, bias, decls, retention, lr, chunk, at, K, V, tmp_path)
+    B, H = 2, 2
+    P = 2 * chunk if chunk > 1 else 5  # the prefill: whole chunks
+    T = P + chunk + 3 if chunk > 1 else P + 6
+    qkv, params, s0 = _inputs(ir, dtype, B, T, H, K, V, seed=3000 + i)
+    q, k, v = qkv
+    with torch.no_grad():
+        o_pre, s = module.memory(q[:, :P], k[:, :P], v[:, :P],
+                                 **{n: (p if p.dim() == 1 else p[:, :P]) for n, p in params.items()},
+                                 initial_state=s0, output_final_state=True, chunk_size=chunk)
+        o_dec, state = _decode(module, qkv, params, module.decode_state(s), chunk, "triton", P, T)
+    o_ref, s_ref = module.memory(*_f64(qkv), **dict(zip(params, _f64(params.values()))),
+                                 initial_state=s0.double(), output_final_state=True, chunk_size=chunk,
+                                 backend="reference")
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    assert _rel(o_pre, o_ref[:, :P]) < tol, f"prefill: {_rel(o_pre, o_ref[:, :P]):.2e}"
+    assert _rel(o_dec, o_ref[:, P:]) < tol, f"decoded tokens: {_rel(o_dec, o_ref[:, P:]):.2e}"
+    assert _rel(state.state, s_ref) < 1e-4, f"final state: {_rel(state.state, s_ref):.2e}"
+
+
+def test_auto_picks_the_kernel_only_where_it_applies(tmp_path, monkeypatch):
+    module, ir = _compile(4, *VARIANTS[4][:8], tmp_path)
+    counter = _CountLaunches(module._step_kernel)
+    monkeypatch.setattr(module, "_step_kernel", counter)
+    B, H, K, V = 2, 2, 12, 20
+    (q, k, v), params, s0 = _inputs(ir, torch.float32, B, 2, H, K, V, seed=7)
+    tok = {n: (p if p.dim() == 1 else p[:, 0]) for n, p in params.items()}
+    state = module.decode_state(s0)
+    o, _ = module.step(q[:, 0], k[:, 0], v[:, 0], **tok, state=state)  # auto, no gradient wanted
+    assert counter.launches == 1
+    o_torch, _ = module.step(q[:, 0], k[:, 0], v[:, 0], **tok, state=state, backend="torch")
+    assert counter.launches == 1
+    assert _rel(o, o_torch) < 1e-5
+    # Inputs whose last dimension is strided are copied, not misread.
+    qt = q[:, 0].transpose(1, 2).contiguous().transpose(1, 2)
+    assert qt.stride(-1) != 1
+    o_strided, _ = module.step(qt, k[:, 0], v[:, 0], **tok, state=state, backend="triton")
+    assert _rel(o_strided, o_torch) < 1e-5
+    # A recorded gradient or float64 inputs: auto falls back to the (differentiable) torch step.
+    qg = q[:, 0].clone().requires_grad_()
+    launches = counter.launches
+    o_grad, _ = module.step(qg, k[:, 0], v[:, 0], **tok, state=state)
+    assert counter.launches == launches and o_grad.requires_grad
+    o64, _ = module.step(q[:, 0].double(), k[:, 0].double(), v[:, 0].double(),
+                         **{n: p.double() for n, p in tok.items()}, state=state)
+    assert counter.launches == launches and o64.dtype == torch.float64
+    assert _rel(o64, o_torch) < 1e-5
+
+
+def test_triton_step_refusals(tmp_path, monkeypatch, compiled_examples):
+    module, ir = _compile(0, *VARIANTS[0][:8], tmp_path)
+    counter = _CountLaunches(module._step_kernel)
+    monkeypatch.setattr(module, "_step_kernel", counter)
+    B, H, K, V = 1, 2, 16, 8
+    (q, k, v), params, s0 = _inputs(ir, torch.float32, B, 1, H, K, V, seed=8)
+    tok = {n: p[:, 0] for n, p in params.items()}
+    state = module.decode_state(s0)
+    with pytest.raises(ValueError, match="backend must be"):
+        module.step(q[:, 0], k[:, 0], v[:, 0], **tok, state=state, backend="cuda")
+    with pytest.raises(ValueError, match="float64"):
+        module.step(q[:, 0].double(), k[:, 0].double(), v[:, 0].double(), **tok, state=state, backend="triton")
+    with pytest.raises(ValueError, match="no backward"):
+        module.step(q[:, 0].clone().requires_grad_(), k[:, 0], v[:, 0], **tok, state=state, backend="triton")
+    big = torch.zeros(B, H, 136, device=DEVICE)
+    with pytest.raises(ValueError, match="up to 128"):
+        module.step(big, big, v[:, 0], **tok, backend="triton")
+    # step()'s checks still come first on the triton path.
+    with pytest.raises(ValueError, match=r"eta must have shape \[B, H\]"):
+        module.step(q[:, 0], k[:, 0], v[:, 0], a=tok["a"], eta=tok["eta"][:, :1], state=state, backend="triton")
+    with pytest.raises(ValueError, match="state.pos"):
+        module.step(q[:, 0], k[:, 0], v[:, 0], **tok, state=state._replace(pos=16), backend="triton")
+    with pytest.raises(ValueError, match=r"state.base must have shape"):
+        module.step(q[:, 0], k[:, 0], v[:, 0], **tok, state=state._replace(base=s0[:, :1]), backend="triton")
+    with pytest.raises(TypeError, match="DecodeState"):
+        module.step(q[:, 0], k[:, 0], v[:, 0], **tok, state=s0, backend="triton")
+    assert counter.launches == 0
+    # Layers without triton kernels keep the torch step and say why backend='triton' cannot run.
+    for name in ("titans", "moneta"):  # momentum; an MLP memory
+        other, other_ir = compiled_examples[name]
+        assert not hasattr(other, "_step_kernel")
+        x = torch.zeros(1, other_ir.block.heads, other_ir.block.key_dim)
+        gates = {p.name: torch.zeros(1) for p in other_ir.inputs()}  # refused before they are read
+        with pytest.raises(ValueError, match="backend='triton' is not available"):
+            other.step(x, x, x, **gates, backend="triton")
