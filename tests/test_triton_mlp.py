@@ -2,7 +2,9 @@
 
 On a machine without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set in
 conftest.py), so CI checks the very kernels a GPU runs, at small shapes: the reference runs in float64,
-the kernels in float32 (or bf16 inputs), on ragged sequences (T not a multiple of the chunk).
+the kernels in float32 (or bf16 inputs), on ragged sequences (T not a multiple of the chunk). Every
+comparison checks the outputs, the final state and the gradients of q, k, v, every gate and learnable
+and every initial-state tensor (the weights, and the momentum buffers with momentum).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import ROOT, make_inputs
+from conftest import ROOT, flatten_state, layer_dims, make_inputs, make_state
 
 from mirasc.compiler import compile_spec
 
@@ -23,32 +25,63 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SEED = 2000
 ETA = "gate eta : head = softplus(rank=4, init=0.1)"
 ALPHA = "gate alpha : head = sigmoid(rank=4, init=0.9)"
+BETA = "gate b : head = sigmoid(rank=4, init=0.9)"
 
-# (memory args, bias, declarations, retention, lr, chunk, K, V, T, dtype)
+
+def _v(mem, bias, decls, retention, algorithm, K=16, V=16, T=40, depth=2, dtype=torch.float32, B=1):
+    return {"mem": mem, "bias": bias, "decls": decls, "retention": retention, "algorithm": algorithm,
+            "K": K, "V": V, "T": T, "depth": depth, "dtype": dtype, "B": B}
+
+
 VARIANTS = {
     # Titans' memory (silu, residual, no LN, l2, decay) with plain gd
-    "titans_gd": ("expansion=4, act=silu, residual=true, norm=false", "l2", [ETA, ALPHA], "decay(alpha)", "eta",
-                  16, 16, 16, 40, torch.float32),
+    "titans_gd": _v("expansion=4, act=silu, residual=true, norm=false", "l2", [ETA, ALPHA], "decay(alpha)",
+                    "gd(lr=eta, chunk=16)"),
     # Moneta's memory and bias (gelu, residual, LN, lp(3)) with plain decay
-    "moneta_decay": ("expansion=4, act=gelu, residual=true, norm=true", "lp(p=3)", [ETA, ALPHA], "decay(alpha)",
-                     "eta", 16, 16, 16, 40, torch.float32),
+    "moneta_decay": _v("expansion=4, act=gelu, residual=true, norm=true", "lp(p=3)", [ETA, ALPHA], "decay(alpha)",
+                       "gd(lr=eta, chunk=16)"),
     # the robust bias (Eq. 17) with head dims that are not powers of two (padded tiles)
-    "robust_k20": ("expansion=2, act=gelu, residual=true, norm=true", "robust(0.5)", [ETA, ALPHA],
-                   "decay(alpha)", "eta", 16, 20, 20, 40, torch.float32),
+    "robust_k20": _v("expansion=2, act=gelu, residual=true, norm=true", "robust(0.5)", [ETA, ALPHA],
+                     "decay(alpha)", "gd(lr=eta, chunk=16)", K=20, V=20),
     # per-channel lr and a per-channel bias parameter, no residual (K != V), no retention
-    "relu_channel": ("expansion=2, act=relu, residual=false, norm=true", "huber(d)",
-                     ["gate d : channel = softplus(rank=4, init=0.5)", "gate eta : channel = softplus(rank=4, init=0.1)"],
-                     "none", "eta", 16, 16, 8, 40, torch.float32),
-    # a user bias with a learnable scale, a learnable decay, a constant lr, chunk 32, expansion 3
-    "tanh_cauchy": ("expansion=3, act=tanh, residual=false, norm=false", "sum(log(1 + ((y - v) / c)^2))",
-                    ["param c = learnable(1.0, softplus)", "param a = learnable(0.9, sigmoid)"], "decay(a)", "0.3",
-                    32, 16, 24, 70, torch.float32),
+    "relu_channel": _v("expansion=2, act=relu, residual=false, norm=true", "huber(d)",
+                       ["gate d : channel = softplus(rank=4, init=0.5)",
+                        "gate eta : channel = softplus(rank=4, init=0.1)"], "none", "gd(lr=eta, chunk=16)", V=8),
+    # a user bias with a learnable scale, a learnable decay (summed over a batch of 2), a constant lr,
+    # chunk 32, expansion 3
+    "tanh_cauchy": _v("expansion=3, act=tanh, residual=false, norm=false", "sum(log(1 + ((y - v) / c)^2))",
+                      ["param c = learnable(1.0, softplus)", "param a = learnable(0.9, sigmoid)"], "decay(a)",
+                      "gd(lr=0.3, chunk=32)", V=24, T=45, B=2),
     # a y-independent bias, expansion 1, chunk 64 with a partial second chunk
-    "identity_dot": ("expansion=1, act=identity, residual=true, norm=true", "dot", [ETA, ALPHA], "decay(alpha)",
-                     "eta", 64, 16, 16, 80, torch.float32),
+    "identity_dot": _v("expansion=1, act=identity, residual=true, norm=true", "dot", [ETA, ALPHA], "decay(alpha)",
+                       "gd(lr=eta, chunk=64)", T=80),
     # bf16 inputs (the state stays fp32)
-    "silu_bf16": ("expansion=4, act=silu, residual=true, norm=true", "l2", [ETA, ALPHA], "decay(alpha)", "eta",
-                  16, 16, 16, 40, torch.bfloat16),
+    "silu_bf16": _v("expansion=4, act=silu, residual=true, norm=true", "l2", [ETA, ALPHA], "decay(alpha)",
+                    "gd(lr=eta, chunk=16)", dtype=torch.bfloat16),
+    # depth 1: a plain matrix layer x W with the residual and the LayerNorm
+    "depth1_ln": _v("expansion=1, act=gelu, residual=true, norm=true", "l2", [ETA, ALPHA], "decay(alpha)",
+                    "gd(lr=eta, chunk=16)", depth=1, B=2),
+    # depth 3 with momentum (its own gate) and decay
+    "depth3_momentum": _v("expansion=2, act=silu, residual=true, norm=false", "l2", [ETA, ALPHA, BETA],
+                          "decay(alpha)", "momentum(beta=b, lr=eta, chunk=16)", depth=3),
+    # depth 4, K != V, per-channel lr, chunk 8 (tiles of 16 rows, 8 valid)
+    "depth4_chunk8": _v("expansion=1, act=relu, residual=false, norm=true", "huber(d)",
+                        ["gate d : channel = softplus(rank=4, init=0.5)",
+                         "gate eta : channel = softplus(rank=4, init=0.1)", ALPHA], "decay(alpha)",
+                        "gd(lr=eta, chunk=8)", V=8, T=21, depth=4),
+    # chunk 1 (the exact online rule) with at=retained
+    "chunk1_retained": _v("expansion=1, act=gelu, residual=true, norm=true", "l2", [ETA, ALPHA], "decay(alpha)",
+                          "gd(lr=eta, chunk=1, at=retained)", T=6),
+    # chunk 2, momentum without decay (constants: a small lr keeps the undecayed memory bounded)
+    "chunk2_momentum": _v("expansion=2, act=tanh, residual=true, norm=false", "l2", [], "none",
+                          "momentum(beta=0.8, lr=0.05, chunk=2)", T=9),
+    # Moneta's lq map without decay, q = 3, depth 3, chunk 4
+    "lq3_depth3_chunk4": _v("expansion=1, act=gelu, residual=true, norm=true", "lp(p=3)", [ETA], "lq(q=3)",
+                            "gd(lr=eta, chunk=4)", T=13, depth=3),
+    # momentum and at=retained in bf16
+    "momentum_retained_bf16": _v("expansion=2, act=gelu, residual=true, norm=true", "l2", [ETA, ALPHA, BETA],
+                                 "decay(alpha)", "momentum(beta=b, lr=eta, chunk=16, at=retained)",
+                                 dtype=torch.bfloat16),
 }
 
 
@@ -63,21 +96,16 @@ def _load(name: str, text: str, tmp_path):
     return module, compiled
 
 
-def _compile(name, mem, bias, decls, retention, lr, chunk, K, V, tmp_path, depth=2, algorithm="gd"):
-    beta = "beta=0.9, " if algorithm == "momentum" else ""
-    text = "\n".join([f"layer Mlp_{name} {{", "    heads 2", f"    key_dim {K}", f"    value_dim {V}",
-                      f"    memory mlp(depth={depth}, {mem}) init learned", *("    " + d for d in decls),
-                      f"    bias {bias}", f"    retention {retention}",
-                      f"    algorithm {algorithm}({beta}lr={lr}, chunk={chunk})", "}"])
+def _compile(name, variant, tmp_path):
+    text = "\n".join([f"layer Mlp_{name} {{", "    heads 2", f"    key_dim {variant['K']}",
+                      f"    value_dim {variant['V']}",
+                      f"    memory mlp(depth={variant['depth']}, {variant['mem']}) init learned",
+                      *("    " + d for d in variant["decls"]), f"    bias {variant['bias']}",
+                      f"    retention {variant['retention']}", f"    algorithm {variant['algorithm']}", "}"])
     return _load(name, text, tmp_path)
 
 
-def _state(ir, B, H, K, V, gen):
-    x = ir.memory.expansion * K
-    return [torch.randn(B, H, a, b, dtype=torch.float64, generator=gen) / a ** 0.5 for a, b in ((K, x), (x, V))]
-
-
-def _run(module, backend, dtype, chunk, q, k, v, params, s0, w_o, w_s):
+def _run(module, backend, dtype, chunk, q, k, v, params, s0, w_o, w_s, cu_seqlens=None):
     """memory() on fresh leaves (state and parameters in fp32 unless the run is float64) and one backward
     of a random linear function of the output and the final state."""
     low = torch.float32 if dtype != torch.float64 else dtype
@@ -85,7 +113,8 @@ def _run(module, backend, dtype, chunk, q, k, v, params, s0, w_o, w_s):
               for i, x in enumerate([q, k, v, *params.values(), *s0])]
     p = dict(zip(params, leaves[3:3 + len(params)]))
     o, final = module.memory(*leaves[:3], **p, initial_state=tuple(leaves[3 + len(params):]),
-                             output_final_state=True, chunk_size=chunk, backend=backend)
+                             output_final_state=True, chunk_size=chunk, backend=backend,
+                             cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(DEVICE))
     loss = (o.double() * w_o.to(DEVICE)).sum() + sum((s.double() * w.to(DEVICE)).sum() for s, w in zip(final, w_s))
     loss.backward()
     return [o, *final], leaves
@@ -96,34 +125,43 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def _compare(module, ir, dtype, chunk, B, H, K, V, T, seed, scale=None, tol=None):
+def _compare(module, ir, dtype, chunk, B, H, K, V, T, seed, scale=None, tol=None, cu_seqlens=None):
     q, k, v, params, gen = make_inputs(ir, B, T, H, K, V, dtype=torch.float64, seed=seed)
     params = {n: x * (scale or {}).get(n, 1.0) for n, x in params.items()}
     q, k, v = (x.to(dtype).double() for x in (q, k, v))  # values the low-precision run sees exactly
-    s0 = _state(ir, B, H, K, V, gen)
+    N = B if cu_seqlens is None else len(cu_seqlens) - 1
+    s0 = flatten_state(make_state(ir, N, H, K, V, gen=gen))  # weights (and momentum buffers), never zeros
     w_o = torch.randn(B, T, H, V, dtype=torch.float64, generator=gen)
     w_s = [torch.randn(s.shape, dtype=torch.float64, generator=gen) for s in s0]
-    outs, leaves = _run(module, "triton", dtype, chunk, q, k, v, params, s0, w_o, w_s)
-    ref_outs, ref_leaves = _run(module, "reference", torch.float64, chunk, q, k, v, params, s0, w_o, w_s)
+    outs, leaves = _run(module, "triton", dtype, chunk, q, k, v, params, s0, w_o, w_s, cu_seqlens)
+    ref_outs, ref_leaves = _run(module, "reference", torch.float64, chunk, q, k, v, params, s0, w_o, w_s,
+                                cu_seqlens)
     tol = tol or (2e-4 if dtype == torch.float32 else 2e-2)
-    for what, a, b in zip(["o", "final W1", "final W2"], outs, ref_outs):
+    n = len(layer_dims(ir, B, H, K, V))
+    states = [f"W{i + 1}" for i in range(n)] + [f"m{i + 1}" for i in range(len(s0) - n)]
+    for what, a, b in zip(["o", *(f"final {s}" for s in states)], outs, ref_outs, strict=True):
         assert torch.isfinite(a).all(), what
         assert _rel(a, b) < tol, f"{what}: relative error {_rel(a, b):.2e}"
-    names = ["q", "k", "v", *params, "initial W1", "initial W2"]
-    for what, a, b in zip(names, leaves, ref_leaves):
+    names = ["q", "k", "v", *params, *(f"initial {s}" for s in states)]
+    for what, a, b in zip(names, leaves, ref_leaves, strict=True):
         assert a.grad is not None and torch.isfinite(a.grad).all(), f"d{what}"
         assert b.grad.abs().sum() > 0, f"d{what} is zero: the comparison could not fail"
         assert _rel(a.grad, b.grad) < tol, f"d{what}: relative error {_rel(a.grad, b.grad):.2e}"
 
 
+def _chunk(compiled) -> int:
+    return compiled.ir.algorithm.chunk
+
+
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_triton_mlp_matches_reference(name, tmp_path):
-    mem, bias, decls, retention, lr, chunk, K, V, T, dtype = VARIANTS[name]
-    module, compiled = _compile(name, mem, bias, decls, retention, lr, chunk, K, V, tmp_path)
-    assert "_TritonMLPMemory" in compiled.source
+    variant = VARIANTS[name]
+    module, compiled = _compile(name, variant, tmp_path)
+    assert "_mlp_fwd_kernel" in compiled.source
+    K, V, T = variant["K"], variant["V"], variant["T"]
     # the Cauchy scale c drawn in (0.5, 5): a tiny c makes the loss (and its gradients ~1/c^3) ill-conditioned
-    _compare(module, compiled.ir, dtype, chunk, 2 if T <= 40 else 1, 2, K, V, T, seed=SEED + list(VARIANTS).index(name),
-             scale={"c": 10.0})
+    _compare(module, compiled.ir, variant["dtype"], _chunk(compiled), variant["B"], 2, K, V, T,
+             seed=SEED + list(VARIANTS).index(name), scale={"c": 10.0})
 
 
 @pytest.mark.parametrize("delta_scale", [20.0, 1.0])
@@ -139,70 +177,119 @@ def test_yaad_example_on_the_kernels(compiled_examples, delta_scale):
              tol=2e-4 if delta_scale > 1 else 1e-2)
 
 
-def test_prefill_then_decode(tmp_path):
+@pytest.mark.parametrize("example, chunk, T, dtype", [
+    ("moneta", 16, 40, torch.float32),  # decay + lq(q=4): the norm of every token's own state
+    ("titans", 16, 40, torch.float32),  # momentum with decay
+    ("titans", 64, 70, torch.bfloat16),  # its own chunk size, a ragged second chunk, bf16 inputs
+])
+def test_examples_on_the_kernels(compiled_examples, example, chunk, T, dtype):
+    """examples/moneta.miras and examples/titans.miras as shipped, at small head dims."""
+    module, ir = compiled_examples[example]
+    _compare(module, ir, dtype, chunk, 1, 2, 16, 16, T, seed=11)
+
+
+def test_packed_sequences_on_the_kernels(compiled_examples):
+    """cu_seqlens: packed sequences, each from its own state (momentum buffers included)."""
+    module, ir = compiled_examples["titans"]
+    _compare(module, ir, torch.float32, 8, 1, 2, 16, 16, 22, seed=13, cu_seqlens=torch.tensor([0, 11, 14, 22]))
+
+
+@pytest.mark.parametrize("source", ["moneta_decay", "moneta", "titans"])
+def test_prefill_then_decode(source, compiled_examples, tmp_path):
     """A triton prefill's final state continues exactly under step() (the torch decode path)."""
-    module, compiled = _compile("decode", *VARIANTS["moneta_decay"][:8], tmp_path)
+    if source in compiled_examples:
+        module, ir = compiled_examples[source]
+    else:
+        module, compiled = _compile(f"decode_{source}", VARIANTS[source], tmp_path)
+        ir = compiled.ir
     B, H, K, V, P, T = 1, 2, 16, 16, 32, 37
-    q, k, v, params, gen = make_inputs(compiled.ir, B, T, H, K, V, dtype=torch.float32, seed=5)
-    s0 = tuple(s.float() for s in _state(compiled.ir, B, H, K, V, gen))
-    q, k, v, s0 = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), tuple(s.to(DEVICE) for s in s0)
+    q, k, v, params, gen = make_inputs(ir, B, T, H, K, V, dtype=torch.float32, seed=5)
+    s0 = tuple(s.float().to(DEVICE) for s in flatten_state(make_state(ir, B, H, K, V, gen=gen)))
+    q, k, v = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
     params = {n: p.to(DEVICE) for n, p in params.items()}
     with torch.no_grad():
         o_full, _ = module.memory(q, k, v, **params, initial_state=s0, chunk_size=16, backend="reference")
-        pre = {n: p[:, :P] for n, p in params.items()}
+        pre = {n: p if p.dim() == 1 else p[:, :P] for n, p in params.items()}
         o_pre, s = module.memory(q[:, :P], k[:, :P], v[:, :P], **pre, initial_state=s0, output_final_state=True,
                                  chunk_size=16, backend="triton")
         assert _rel(o_pre, o_full[:, :P]) < 1e-4
         state = module.decode_state(s)
         for t in range(P, T):
-            o_t, state = module.step(q[:, t], k[:, t], v[:, t], **{n: p[:, t] for n, p in params.items()},
+            o_t, state = module.step(q[:, t], k[:, t], v[:, t],
+                                     **{n: p if p.dim() == 1 else p[:, t] for n, p in params.items()},
                                      state=state, chunk_size=16)
             assert _rel(o_t, o_full[:, t]) < 1e-4, t
 
 
+def test_block_with_learned_initial_state(compiled_examples):
+    """The Titans block (learned W_0, conv, gates): triton == reference for the output and the gradient
+    of every parameter, the learned initial weights included; the tokens after the last whole chunk
+    run through step()."""
+    module, _ = compiled_examples["titans"]
+    torch.manual_seed(0)
+    ref = module.Titans(32, heads=2, key_dim=16, value_dim=16, chunk_size=16, backend="reference").double()
+    tri = module.Titans(32, heads=2, key_dim=16, value_dim=16, chunk_size=16, backend="triton")
+    tri.load_state_dict({n: p.float() for n, p in ref.state_dict().items()})
+    ref, tri = ref.to(DEVICE), tri.to(DEVICE)
+    x = torch.randn(1, 35, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    w = torch.randn(1, 35, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    (ref(x)[0] * w).sum().backward()
+    y_tri = tri(x.float())[0]
+    (y_tri.double() * w).sum().backward()
+    assert _rel(y_tri, ref(x)[0]) < 2e-4
+    grads = dict(ref.named_parameters())
+    for name, p in tri.named_parameters():
+        assert grads[name].grad.abs().sum() > 0, name
+        assert _rel(p.grad, grads[name].grad) < 2e-4, f"d{name}: relative error {_rel(p.grad, grads[name].grad):.2e}"
+    assert any(n.startswith("initial_weights") for n in grads)
+
+
 def test_triton_mlp_runtime_refusals(tmp_path):
-    module, compiled = _compile("refuse", *VARIANTS["titans_gd"][:8], tmp_path)
+    module, compiled = _compile("refuse", VARIANTS["titans_gd"], tmp_path)
     q, k, v, params, gen = make_inputs(compiled.ir, 1, 8, 2, 16, 16, dtype=torch.float32)
-    s0 = tuple(s.float() for s in _state(compiled.ir, 1, 2, 16, 16, gen))
-    for chunk in (8, 128):
-        with pytest.raises(ValueError, match="16 <= chunk_size <= 64"):
-            module.memory(q, k, v, **params, initial_state=s0, chunk_size=chunk, backend="triton")
+    s0 = tuple(s.float() for s in flatten_state(make_state(compiled.ir, 1, 2, 16, 16, gen=gen)))
+    with pytest.raises(ValueError, match="1 <= chunk_size <= 64"):
+        module.memory(q, k, v, **params, initial_state=s0, chunk_size=128, backend="triton")
     with pytest.raises(ValueError, match="float64"):
         module.memory(q.double(), k.double(), v.double(), **params, initial_state=s0, chunk_size=16,
                       backend="triton")
-    # backend="auto" falls back to torch where the kernels do not apply (here: chunk 8)
-    o_auto, _ = module.memory(q, k, v, **params, initial_state=s0, chunk_size=8)
-    o_torch, _ = module.memory(q, k, v, **params, initial_state=s0, chunk_size=8, backend="torch")
-    assert torch.equal(o_auto, o_torch)
+    # backend="auto" keeps MLP memories on torch (the kernels are opt-in until checked on a GPU)
+    for chunk in (16, 128):
+        o_auto, _ = module.memory(q, k, v, **params, initial_state=s0, chunk_size=chunk)
+        o_torch, _ = module.memory(q, k, v, **params, initial_state=s0, chunk_size=chunk, backend="torch")
+        assert torch.equal(o_auto, o_torch)
 
 
 @pytest.mark.parametrize("example, why", [
-    ("titans", "momentum has no triton kernel for MLP memories"),
-    ("moneta", "the retention map 'lq' has no triton kernel"),
     ("memora", "the retention map 'softmax' has no triton kernel"),
 ])
 def test_uncovered_examples_are_refused(example, why):
     compiled = compile_spec((ROOT / "examples" / f"{example}.miras").read_text(), f"{example}.miras")
-    assert "_TritonMLPMemory" not in compiled.source
+    assert "_mlp_fwd_kernel" not in compiled.source
     assert why in compiled.source
 
 
-@pytest.mark.parametrize("depth, algorithm, why", [
-    (3, "gd", "the MLP kernels cover depth 2, got depth 3"),
-    (2, "momentum", "momentum has no triton kernel for MLP memories"),
+@pytest.mark.parametrize("example", ["moneta", "yaad", "titans"])
+def test_covered_examples_carry_the_kernels(example):
+    compiled = compile_spec((ROOT / "examples" / f"{example}.miras").read_text(), f"{example}.miras")
+    assert "_mlp_fwd_kernel" in compiled.source
+
+
+@pytest.mark.parametrize("retention, algorithm, why", [
+    ("lq(q=1.5)", "gd(lr=eta, chunk=16)", "lq retention with q < 2 has no triton kernel"),
+    ("decay(0.9) + lq(q=4)", "gd(lr=eta, chunk=16, at=retained)",
+     "at=retained with a non-identity retention map has no triton kernel"),
 ])
-def test_uncovered_specs_fall_back_to_torch(depth, algorithm, why, tmp_path):
-    module, compiled = _compile(f"fallback{depth}{algorithm}", "expansion=2, act=gelu, residual=true, norm=true",
-                                "l2", [ETA], "none", "eta", 16, 16, 16, tmp_path, depth=depth, algorithm=algorithm)
-    assert "_TritonMLPMemory" not in compiled.source
+def test_uncovered_specs_fall_back_to_torch(retention, algorithm, why, tmp_path):
+    variant = _v("expansion=2, act=gelu, residual=true, norm=true", "l2", [ETA], retention, algorithm)
+    module, compiled = _compile(f"fallback{abs(hash(retention + algorithm))}", variant, tmp_path)
+    assert "_mlp_fwd_kernel" not in compiled.source
     ir = compiled.ir
     q, k, v, params, gen = make_inputs(ir, 1, 20, 2, 16, 16, dtype=torch.float32, seed=3)
-    dims = [16] + [32] * (depth - 1) + [16]
-    s0 = [torch.randn(1, 2, a, b, generator=gen) / a ** 0.5 for a, b in itertools.pairwise(dims)]
-    if algorithm == "momentum":
-        s0 += [torch.zeros_like(s) for s in s0]
+    dims = [16, 32, 16]
+    s0 = tuple(torch.randn(1, 2, a, b, generator=gen) / a ** 0.5 for a, b in itertools.pairwise(dims))
     with pytest.raises(NotImplementedError, match=why):
-        module.memory(q, k, v, **params, initial_state=tuple(s0), chunk_size=16, backend="triton")
-    o_auto, _ = module.memory(q, k, v, **params, initial_state=tuple(s0), chunk_size=16)
-    o_torch, _ = module.memory(q, k, v, **params, initial_state=tuple(s0), chunk_size=16, backend="torch")
+        module.memory(q, k, v, **params, initial_state=s0, chunk_size=16, backend="triton")
+    o_auto, _ = module.memory(q, k, v, **params, initial_state=s0, chunk_size=16)
+    o_torch, _ = module.memory(q, k, v, **params, initial_state=s0, chunk_size=16, backend="torch")
     assert torch.equal(o_auto, o_torch)
