@@ -67,10 +67,13 @@ VARIANTS = [
 ]
 
 
-def _compile(i, bias, decls, retention, lr, chunk, at, K, V, tmp_path):
+def _compile(i, bias, decls, retention, lr, chunk, at, K, V, tmp_path, beta=None):
+    """A layer of one variant; beta (an operand) makes its algorithm momentum instead of gd."""
+    algorithm = (f"gd(lr={lr}, chunk={chunk}, at={at})" if beta is None
+                 else f"momentum(beta={beta}, lr={lr}, chunk={chunk}, at={at})")
     text = "\n".join([f"layer Variant{i} {{", "    heads 2", f"    key_dim {K}", f"    value_dim {V}",
                       "    memory linear", *("    " + d for d in decls), f"    bias {bias}",
-                      f"    retention {retention}", f"    algorithm gd(lr={lr}, chunk={chunk}, at={at})", "}"])
+                      f"    retention {retention}", f"    algorithm {algorithm}", "}"])
     compiled = compile_spec(text, f"variant{i}.miras")
     path = tmp_path / f"variant{i}.py"
     path.write_text(compiled.source)
@@ -82,13 +85,22 @@ def _compile(i, bias, decls, retention, lr, chunk, at, K, V, tmp_path):
 
 
 def _run(module, backend, dtype, chunk, q, k, v, params, s0, w_o, w_s):
+    """memory() and the backward of a random linear function of its output and final state. s0 and w_s
+    are a tensor or, for momentum, a tuple (S, m); the leaves are q, k, v, the parameters, the state's
+    tensors."""
+    parts = list(s0) if isinstance(s0, tuple) else [s0]
     leaves = [x.to(DEVICE, dtype if i < 3 else torch.float32 if dtype != torch.float64 else dtype)
-              .detach().requires_grad_() for i, x in enumerate([q, k, v, *params.values(), s0])]
-    p = dict(zip(params, leaves[3:-1]))
-    o, s = module.memory(*leaves[:3], **p, initial_state=leaves[-1], output_final_state=True,
+              .detach().requires_grad_() for i, x in enumerate([q, k, v, *params.values(), *parts])]
+    p = dict(zip(params, leaves[3:len(leaves) - len(parts)]))
+    init = tuple(leaves[-len(parts):]) if isinstance(s0, tuple) else leaves[-1]
+    o, s = module.memory(*leaves[:3], **p, initial_state=init, output_final_state=True,
                          chunk_size=chunk, backend=backend)
-    ((o.double() * w_o.to(DEVICE)).sum() + (s.double() * w_s.to(DEVICE)).sum()).backward()
-    return [o, s], leaves
+    finals, weights = (list(s), list(w_s)) if isinstance(s, tuple) else ([s], [w_s])
+    loss = (o.double() * w_o.to(DEVICE)).sum()
+    for x, w in zip(finals, weights):
+        loss = loss + (x.double() * w.to(DEVICE)).sum()
+    loss.backward()
+    return [o, *finals], leaves
 
 
 def _rel(a, b):
@@ -111,6 +123,92 @@ def test_triton_matches_reference(i, tmp_path):
     tol = 2e-4 if dtype == torch.float32 else 2e-2
     names = ["q", "k", "v", *params, "initial_state"]
     for what, a, b in zip(["o", "final state"], outs, ref_outs):
+        assert torch.isfinite(a).all(), what
+        assert _rel(a, b) < tol, f"{what}: relative error {_rel(a, b):.2e}"
+    for what, a, b in zip(names, leaves, ref_leaves):
+        assert a.grad is not None and torch.isfinite(a.grad).all(), f"d{what}"
+        assert b.grad.abs().sum() > 0, f"d{what} is zero: the comparison could not fail"
+        assert _rel(a.grad, b.grad) < tol, f"d{what}: relative error {_rel(a.grad, b.grad):.2e}"
+
+
+# Per-channel decay gates (alpha [B, T, H, V]) and momentum (scalar alpha and beta):
+# (bias, declarations, retention, lr, beta or None for gd, chunk, at, K, V, dtype, T, initial state)
+GATE_VARIANTS = [
+    # per-channel decay: every chunk regime (a tile of chunks 1, 4, 8; one chunk per tile 16, 32, 64)
+    ("lp(p=3)", ["gate a : channel = sigmoid(rank=4, init=0.9)", "gate eta : head = softplus(rank=4, init=0.1)"],
+     "decay(a)", "eta", None, 16, "previous", 16, 16, torch.float32, 37, True),
+    ("l2", ["gate a : channel = sigmoid(rank=4, init=0.9)", "gate eta : channel = sigmoid(rank=4, init=0.5)"],
+     "decay(a)", "eta", None, 1, "retained", 16, 32, torch.float32, 21, True),  # a per-channel gated delta rule
+    ("huber(d)", ["gate d : channel = softplus(rank=4, init=0.5)", "gate a : channel = sigmoid(rank=4, init=0.9)",
+                  "param lr = learnable(0.3, softplus)"],
+     "decay(a)", "lr", None, 4, "previous", 24, 20, torch.float32, 27, True),
+    ("sum(log(1 + ((y - v) / c)^2))", ["param c = learnable(1.0, softplus)",
+                                        "gate a : channel = sigmoid(rank=4, init=0.9)",
+                                        "gate eta : head = softplus(rank=4, init=0.1)"],
+     "decay(a)", "eta", None, 64, "retained", 16, 16, torch.bfloat16, 40, False),
+    ("dot", ["gate a : channel = sigmoid(rank=4, init=0.9)"], "decay(a)", "0.5", None, 8, "previous", 16, 16,
+     torch.float32, 19, True),  # y-independent: tiles of 16 whatever the chunk
+    ("l2", ["gate a : channel = sigmoid(rank=4, init=0.9)", "gate eta : head = sigmoid(rank=4, init=0.5)"],
+     "decay(a)", "eta", None, 2, "previous", 16, 16, torch.bfloat16, 23, True),
+    ("lp(p=3)", ["gate a : channel = sigmoid(rank=4, init=0.9)", "gate eta : head = softplus(rank=4, init=0.1)"],
+     "decay(a)", "eta", None, 32, "retained", 16, 16, torch.float32, 40, False),
+    # momentum
+    ("l2", ["gate a : head = sigmoid(rank=4, init=0.9)", "gate eta : head = softplus(rank=4, init=0.1)",
+            "gate b : head = sigmoid(rank=4, init=0.8)"],
+     "decay(a)", "eta", "b", 1, "previous", 16, 16, torch.float32, 23, True),  # Titans' rule, linear memory
+    ("l2", ["gate a : head = sigmoid(rank=4, init=0.9)", "gate eta : head = softplus(rank=4, init=0.1)",
+            "gate b : head = sigmoid(rank=4, init=0.8)"],
+     "decay(a)", "eta", "b", 4, "retained", 16, 24, torch.float32, 25, True),
+    ("sum(log(1 + ((y - v) / c)^2))", ["param c = learnable(1.0, softplus)", "param a = learnable(0.9, sigmoid)",
+                                        "gate eta : channel = softplus(rank=4, init=0.1)"],
+     "decay(a)", "eta", "0.9", 16, "retained", 16, 16, torch.float32, 37, True),
+    ("huber_norm(d)", ["gate d : head = softplus(rank=4, init=1.0)", "gate b : head = sigmoid(rank=4, init=0.8)",
+                       "gate eta : head = softplus(rank=4, init=0.1)"],
+     "none", "eta", "b", 2, "previous", 20, 16, torch.float32, 21, False),
+    ("lp(p=3)", ["gate a : head = sigmoid(rank=4, init=0.9)", "param b = learnable(0.8, sigmoid)",
+                 "gate eta : head = softplus(rank=4, init=0.1)"],
+     "decay(a)", "eta", "b", 64, "previous", 16, 16, torch.bfloat16, 40, True),
+    ("dot", ["gate a : head = sigmoid(rank=4, init=0.9)", "gate b : head = sigmoid(rank=4, init=0.8)"],
+     "decay(a)", "0.5", "b", 8, "previous", 16, 16, torch.float32, 19, True),
+]
+
+
+@pytest.mark.parametrize("i", range(len(GATE_VARIANTS)))
+def test_triton_gates_match_reference(i, tmp_path):
+    """Per-channel decay and momentum: outputs, final state (S and m), every gradient, ragged T."""
+    bias, decls, retention, lr, beta, chunk, at, K, V, dtype, T, with_s0 = GATE_VARIANTS[i]
+    module, ir = _compile(100 + i, bias, decls, retention, lr, chunk, at, K, V, tmp_path, beta=beta)
+    assert "_memory_triton" in vars(module), unsupported_reason(ir)
+    B, H = 2 if K * V <= 256 else 1, 2
+    q, k, v, params, gen = make_inputs(ir, B, T, H, K, V, dtype=torch.float64, seed=2000 + i)
+    q, k, v = (x.to(dtype).double() for x in (q, k, v))
+    n = 2 if beta is not None else 1
+    states = [0.3 * torch.randn(B, H, K, V, dtype=torch.float64, generator=gen) for _ in range(n)]
+    w_o = torch.randn(B, T, H, V, dtype=torch.float64, generator=gen)
+    w_s = [torch.randn(B, H, K, V, dtype=torch.float64, generator=gen) for _ in range(n)]
+    s0, w_s = (tuple(states), tuple(w_s)) if beta is not None else (states[0], w_s[0])
+    if not with_s0:  # zero initial state (memory() starts from zeros itself)
+        s0 = tuple(0 * x for x in s0) if beta is not None else 0 * s0
+    tol = 2e-4 if dtype == torch.float32 else 2e-2
+    runs = []
+    for backend, dt in (("triton", dtype), ("reference", torch.float64)):
+        if with_s0:
+            runs.append(_run(module, backend, dt, chunk, q, k, v, params, s0, w_o, w_s))
+            continue
+        leaves = [x.to(DEVICE, dt if j < 3 else torch.float32 if dt != torch.float64 else dt)
+                  .detach().requires_grad_() for j, x in enumerate([q, k, v, *params.values()])]
+        o, s = module.memory(*leaves[:3], **dict(zip(params, leaves[3:])), output_final_state=True,
+                             chunk_size=chunk, backend=backend)
+        finals = list(s) if isinstance(s, tuple) else [s]
+        weights = list(w_s) if isinstance(w_s, tuple) else [w_s]
+        loss = (o.double() * w_o.to(DEVICE)).sum()
+        for x, w in zip(finals, weights):
+            loss = loss + (x.double() * w.to(DEVICE)).sum()
+        loss.backward()
+        runs.append(([o, *finals], leaves))
+    (outs, leaves), (ref_outs, ref_leaves) = runs
+    names = ["q", "k", "v", *params, *(["S0", "m0"][:n] if with_s0 else [])]
+    for what, a, b in zip(["o", "final S", "final m"], outs, ref_outs):
         assert torch.isfinite(a).all(), what
         assert _rel(a, b) < tol, f"{what}: relative error {_rel(a, b):.2e}"
     for what, a, b in zip(names, leaves, ref_leaves):
@@ -146,8 +244,9 @@ def test_triton_refusals(tmp_path):
     q, k, v = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
     with pytest.raises(ValueError, match="float64"):
         module.memory(q.double(), k.double(), v.double(), **params, chunk_size=16, backend="triton")
-    titans = compile_spec((sys.modules["conftest"].ROOT / "examples" / "quantile.miras").read_text(), "quantile.miras")
-    assert "momentum has no triton kernel yet" in titans.source
+    _, ir = _compile(99, "l2", ["gate a : channel = sigmoid(rank=4, init=0.9)"], "decay(a)", "0.1", 16, "previous",
+                     16, 16, tmp_path, beta="0.9")
+    assert unsupported_reason(ir) == "momentum with a per-channel decay or momentum gate has no triton kernel yet"
 
 
 EXAMPLES = sorted((sys.modules["conftest"].ROOT / "examples").glob("*.miras"))
@@ -157,6 +256,8 @@ EXAMPLES = sorted((sys.modules["conftest"].ROOT / "examples").glob("*.miras"))
 def test_triton_examples_match_reference(path, tmp_path):
     """Every example with triton kernels, at its own chunk size: outputs, final state, every gradient."""
     compiled = compile_spec(path.read_text(), path.name)
+    if compiled.ir.memory.kind == "mlp":
+        pytest.skip("MLP memory: tests/test_triton_mlp.py runs the MLP examples the MLP kernels cover")
     if "_memory_triton" not in compiled.source:
         reason = unsupported_reason(compiled.ir)
         assert reason, path.name
@@ -170,13 +271,15 @@ def test_triton_examples_match_reference(path, tmp_path):
     chunk = compiled.ir.algorithm.chunk
     B, H, K, V, T = 1, 2, 16, 16, chunk + 21
     q, k, v, params, gen = make_inputs(compiled.ir, B, T, H, K, V, dtype=torch.float64, seed=7)
-    s0 = 0.3 * torch.randn(B, H, K, V, dtype=torch.float64, generator=gen)
+    n = 2 if compiled.ir.algorithm.kind == "momentum" else 1  # the state: S, or (S, m)
+    s0 = [0.3 * torch.randn(B, H, K, V, dtype=torch.float64, generator=gen) for _ in range(n)]
     w_o = torch.randn(B, T, H, V, dtype=torch.float64, generator=gen)
-    w_s = torch.randn(B, H, K, V, dtype=torch.float64, generator=gen)
+    w_s = [torch.randn(B, H, K, V, dtype=torch.float64, generator=gen) for _ in range(n)]
+    s0, w_s = (tuple(s0), tuple(w_s)) if n == 2 else (s0[0], w_s[0])
     outs, leaves = _run(module, "triton", torch.float32, chunk, q, k, v, params, s0, w_o, w_s)
     ref_outs, ref_leaves = _run(module, "reference", torch.float64, chunk, q, k, v, params, s0, w_o, w_s)
-    for what, a, b in zip(["o", "final state"], outs, ref_outs):
+    for what, a, b in zip(["o", "final S", "final m"], outs, ref_outs):
         assert _rel(a, b) < 2e-4, f"{what}: relative error {_rel(a, b):.2e}"
-    for what, a, b in zip(["q", "k", "v", *params, "initial_state"], leaves, ref_leaves):
+    for what, a, b in zip(["q", "k", "v", *params, "S0", "m0"], leaves, ref_leaves):
         assert b.grad.abs().sum() > 0, f"d{what} is zero: the comparison could not fail"
         assert _rel(a.grad, b.grad) < 2e-4, f"d{what}: relative error {_rel(a.grad, b.grad):.2e}"

@@ -43,6 +43,11 @@ VARIANTS = [
                   "param lr = learnable(0.3, softplus)"], "decay(a)", "lr", 1, "retained", 8, 8, torch.float32),
     ("dot", ["gate a : head = sigmoid(rank=4, init=0.9)"], "decay(a)", "0.5", 16, "retained", 16, 8,
      torch.float32),  # y-independent bias: the base is still carried (and decayed) for at=retained
+    # per-channel decay gates ([B, H, V] per token)
+    ("lp(p=3)", ["gate a : channel = sigmoid(rank=4, init=0.9)", "gate eta : head = softplus(rank=4, init=0.1)"],
+     "decay(a)", "eta", 16, "previous", 16, 8, torch.float32),
+    ("l2", ["gate beta : head = sigmoid(rank=4, init=0.5)", "gate a : channel = sigmoid(rank=4, init=0.95)"],
+     "decay(a)", "beta", 1, "retained", 8, 16, torch.bfloat16),
 ]
 
 

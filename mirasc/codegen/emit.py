@@ -411,8 +411,10 @@ def _triton_context(ir: LayerIR) -> dict:
     """The Triton kernel family's variables (templates/triton_linear.py.j2), or why there is none."""
     ctx = triton_context(ir)
     if ctx is None:
-        return {"triton": False, "triton_reason": unsupported_reason(ir)}
-    return {"triton": True, "triton_reason": "", "step_inputs": _step_inputs(ir), **ctx}
+        return {"triton": False, "triton_step": False, "triton_reason": unsupported_reason(ir)}
+    # With chunk kernels but no fused step, triton_reason is what step(backend="triton") says.
+    reason = "" if ctx["triton_step"] else "the fused decode step does not cover momentum yet"
+    return {"triton": True, "triton_reason": reason, "step_inputs": _step_inputs(ir), **ctx}
 
 
 def _triton_mlp_context(ir: LayerIR) -> dict:

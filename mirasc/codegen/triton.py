@@ -11,26 +11,26 @@ from ..ir import LayerIR
 from .printers import _wrap_stmt, triton_bias_source
 
 
+def shape_of(ir: LayerIR, op) -> str:
+    """How an operand (lr, decay, momentum) varies: "const", "head" (per token and head, or a learnable
+    scalar per head) or "channel" (per value channel)."""
+    if op is None or isinstance(op, (int, float)):
+        return "const"
+    p = {p.name: p for p in ir.params}[op]
+    return "const" if p.kind == "const" else ("channel" if p.shape == "channel" else "head")
+
+
 def unsupported_reason(ir: LayerIR) -> str | None:
     """Why this layer has no Triton kernels yet (None: it has them)."""
-    params = {p.name: p for p in ir.params}
-
-    def shape(op) -> str:
-        if isinstance(op, (int, float)):
-            return "const"
-        p = params[op]
-        return "const" if p.kind == "const" else ("channel" if p.shape == "channel" else "head")
-
     if ir.bias.vjp is None:
         return "the bias carries no derived VJP for the backward kernel"
     if ir.memory.kind != "linear":
         return "the triton backend covers matrix memories; MLP memories run on the torch backend"
     if ir.retention.map != "id":
         return f"the retention map '{ir.retention.map}' has no triton kernel yet"
-    if ir.algorithm.kind != "gd":
-        return "momentum has no triton kernel yet"
-    if shape(ir.retention.alpha) == "channel":
-        return "per-channel decay has no triton kernel yet"
+    gates = (shape_of(ir, ir.retention.alpha), shape_of(ir, ir.algorithm.beta))
+    if ir.algorithm.kind == "momentum" and "channel" in gates:
+        return "momentum with a per-channel decay or momentum gate has no triton kernel yet"
     return None
 
 
@@ -87,6 +87,10 @@ def triton_context(ir: LayerIR) -> dict | None:
         "triton_bias_src": src,
         "needs_y": ir.bias.klass != "independent",
         "eta_channel": eta_channel,
+        "alpha_channel": shape_of(ir, ir.retention.alpha) == "channel",
+        "triton_beta": operand_source(ir, ir.algorithm.beta, "beta") if ir.algorithm.kind == "momentum" else None,
+        # the fused decode step (templates/triton_step.py.j2) covers gd only
+        "triton_step": ir.algorithm.kind == "gd",
     }
 
 

@@ -1,0 +1,133 @@
+"""The triton backend under torch.compile(fullgraph=True): no graph break, and the same numbers.
+
+The kernels reach torch.compile as custom operators (torch.library), so Dynamo captures memory(),
+its backward, step() and the whole block in one graph each. The graphs run with the "aot_eager"
+backend here (AOTAutograd and the custom operators' fake implementations, without Inductor's code
+generation, which needs a C++ or GPU toolchain); on a GPU, benchmarks/bench_compile.py runs Inductor
+and CUDA graphs. Without a GPU the kernels run in Triton's interpreter: shapes stay small.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from conftest import assert_close, flatten_state, make_inputs, make_state
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKEND = "aot_eager"
+
+
+class _CountLaunches:
+    """Stands in for a module's kernel and counts its launches (so a silent torch fallback fails)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+def _leaves(ir, B, T, H, K, V, seed, dtype=torch.float32):
+    q, k, v, params, gen = make_inputs(ir, B, T, H, K, V, seed=seed)
+    state = make_state(ir, B, H, K, V, gen=gen, scale=0.5)
+    return [x.to(dtype).to(DEVICE) for x in (q, k, v, *params.values(), *flatten_state(state))], list(params)
+
+
+def _memory_fn(module, names, n_state, chunk):
+    def run(*leaves):
+        q, k, v = leaves[:3]
+        params = dict(zip(names, leaves[3:3 + len(names)]))
+        state = leaves[3 + len(names):]
+        o, final = module.memory(q, k, v, **params, initial_state=state[0] if n_state == 1 else tuple(state),
+                                 output_final_state=True, chunk_size=chunk, backend="triton")
+        return o, *flatten_state(final)
+    return run
+
+
+def _forward_backward(fn, leaves, weights=None):
+    leaves = [x.detach().clone().requires_grad_() for x in leaves]
+    outs = fn(*leaves)
+    if weights is None:
+        gen = torch.Generator().manual_seed(7)
+        weights = [torch.randn(x.shape, generator=gen).to(DEVICE) for x in outs]
+    sum((x.float() * w).sum() for x, w in zip(outs, weights)).backward()
+    return outs, [x.grad for x in leaves], weights
+
+
+@pytest.mark.parametrize("name,chunk", [("retnet", 16), ("deltanet", 1), ("cauchy", 8), ("quantile", 16),
+                                        ("yaad", 16)])
+def test_memory_compiles_without_graph_breaks(compiled_examples, name, chunk):
+    """memory() forward and backward in one compiled graph equal the eager triton call (a matrix memory
+    at chunk 16, 1 and 8, with momentum, and an MLP memory)."""
+    module, ir = compiled_examples[name]
+    torch._dynamo.reset()
+    leaves, names = _leaves(ir, 1, 21, 2, 16, 16, seed=3)
+    n_state = len(leaves) - 3 - len(names)
+    fn = _memory_fn(module, names, n_state, chunk)
+    outs, grads, weights = _forward_backward(fn, leaves)
+    kernel = "_mlp_bwd_kernel" if ir.memory.kind == "mlp" else "_chunk_bwd_kernel"
+    counter = _CountLaunches(getattr(module, kernel))
+    setattr(module, kernel, counter)
+    try:
+        compiled = torch.compile(fn, fullgraph=True, backend=BACKEND)
+        c_outs, c_grads, _ = _forward_backward(compiled, leaves, weights)
+    finally:
+        setattr(module, kernel, counter.kernel)
+    assert counter.launches == 1, "the compiled backward did not run the triton kernel"
+    for i, (a, b) in enumerate(zip(c_outs, outs)):
+        assert_close(a, b, f"{name}: output {i}", rtol=1e-5, atol=1e-6)
+    for i, (a, b) in enumerate(zip(c_grads, grads)):
+        assert b is not None, f"{name}: input {i} got no gradient"
+        assert_close(a, b, f"{name}: gradient of input {i}", rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
+def test_step_compiles_without_graph_breaks(compiled_examples, name):
+    """A compiled decode loop (chunk 1: pos stays 0, one graph) equals the eager fused step."""
+    module, ir = compiled_examples[name]
+    torch._dynamo.reset()
+    B, H, K = 2, 2, 16
+    q, k, v, params, gen = make_inputs(ir, B, 3, H, K, K, seed=5)
+    params = {n: (x if x.dim() == 1 else x.float()) for n, x in params.items()}
+    state = module.decode_state(make_state(ir, B, H, K, K, gen=gen).float())
+
+    def step(t, state):
+        return module.step(q[:, t].float(), k[:, t].float(), v[:, t].float(),
+                           **{n: (x if x.dim() == 1 else x[:, t]) for n, x in params.items()},
+                           state=state, backend="triton")
+
+    compiled = torch.compile(step, fullgraph=True, backend=BACKEND)
+    eager_state, comp_state = state, state
+    for t in range(3):
+        o, eager_state = step(t, eager_state)
+        co, comp_state = compiled(t, comp_state)
+        assert_close(co, o, f"{name}: output of token {t}", rtol=1e-6, atol=1e-7)
+        assert_close(comp_state.state, eager_state.state, f"{name}: state after token {t}", rtol=1e-6,
+                     atol=1e-7)
+
+
+def test_block_compiles_without_graph_breaks(compiled_examples):
+    """The whole generated block (projections, gates, memory, norm, output) in one graph, fwd and bwd."""
+    module, _ = compiled_examples["retnet"]
+    torch._dynamo.reset()
+    torch.manual_seed(11)
+    block = module.RetNet(32, heads=2, key_dim=16, value_dim=16, chunk_size=16, backend="triton").to(DEVICE)
+    x = torch.randn(1, 35, 32, device=DEVICE)  # two whole chunks through memory(), 3 tokens through step()
+    y, _ = block(x)
+    y.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in block.named_parameters()}
+    block.zero_grad()
+    counter = _CountLaunches(module._chunk_fwd_kernel)
+    module._chunk_fwd_kernel = counter
+    try:
+        cy, _ = torch.compile(block, fullgraph=True, backend=BACKEND)(x)
+        cy.square().sum().backward()
+    finally:
+        module._chunk_fwd_kernel = counter.kernel
+    assert counter.launches == 1, "the compiled block did not run the triton kernel"
+    assert_close(cy, y, "block output", rtol=1e-5, atol=1e-6)
+    for n, p in block.named_parameters():
+        assert_close(p.grad, grads[n], f"gradient of {n}", rtol=1e-4, atol=1e-6)
