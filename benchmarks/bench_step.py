@@ -18,7 +18,6 @@ Layers at chunk sizes above 1 are timed inside a chunk (pos 1), where the base s
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import tempfile
@@ -32,30 +31,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mirasc.compiler import compile_spec
-
-LP_SPEC = """layer LpDecay {
-    heads 16
-    key_dim 64
-    value_dim 64
-    memory linear
-    gate a : head = sigmoid(rank=32, init=0.97)
-    gate eta : head = softplus(rank=32, init=0.1)
-    bias lp(p=3)
-    retention decay(a)
-    algorithm gd(lr=eta, chunk=64)
-}
-"""
+from benchmarks.common import import_spec, lp_decay_spec
 
 
 def load(text: str, name: str, out: Path):
-    compiled = compile_spec(text, name)
-    path = out / f"{compiled.stem}.py"
-    path.write_text(compiled.source)
-    spec = importlib.util.spec_from_file_location(f"_bench_step_{compiled.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module, compiled.ir
+    return import_spec(text, name, out, "_bench_step_")
 
 
 def layers(out: Path) -> list:
@@ -68,7 +48,7 @@ def layers(out: Path) -> list:
             found.append((f"{ir.name} ({ir.bias.name}, chunk {ir.algorithm.chunk})", module, ir))
         else:
             print(f"# {stem}: no fused step kernel, skipped")
-    module, ir = load(LP_SPEC, "lp_decay.miras", out)
+    module, ir = load(lp_decay_spec(16, 64), "lp_decay.miras", out)
     found.append((f"lp(p=3) + decay gate (chunk {ir.algorithm.chunk})", module, ir))
     return found
 

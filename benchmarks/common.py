@@ -1,0 +1,34 @@
+"""What the benchmark scripts share: compiling a spec into an importable module, and the lp layer."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from mirasc.compiler import compile_spec
+
+
+def import_spec(text: str, name: str, out: Path, prefix: str):
+    """Compile spec text (named `name` in errors), write the module into `out`, import it: (module, ir)."""
+    compiled = compile_spec(text, name)
+    path = out / f"{compiled.stem}.py"
+    path.write_text(compiled.source)
+    spec = importlib.util.spec_from_file_location(f"{prefix}{compiled.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, compiled.ir
+
+
+def lp_decay_spec(heads: int, dim: int, chunk: int = 64) -> str:
+    """The lp(p=3) layer with a data-dependent decay gate that the targets of BENCHMARKS.md name."""
+    return f"""layer LpDecay {{
+    heads {heads}
+    key_dim {dim}
+    value_dim {dim}
+    memory linear
+    gate a : head = sigmoid(rank=32, init=0.97)
+    gate eta : head = softplus(rank=32, init=0.1)
+    bias lp(p=3)
+    retention decay(a)
+    algorithm gd(lr=eta, chunk={chunk})
+}}
+"""
