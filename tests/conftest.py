@@ -80,6 +80,18 @@ def make_inputs(ir, B, T, H, K, V, dtype=torch.float64, seed=0):
     return q, k, v, params, gen
 
 
+class CountLaunches:
+    """Stands in for a generated module's kernel and counts its launches (so a silent torch fallback,
+    which would compute the same numbers, fails the test that expects the kernel)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
 def flatten_state(state):
     if state is None:
         return []

@@ -13,21 +13,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import assert_close, flatten_state, make_inputs, make_state
+from conftest import CountLaunches, assert_close, flatten_state, make_inputs, make_state
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKEND = "aot_eager"
-
-
-class _CountLaunches:
-    """Stands in for a module's kernel and counts its launches (so a silent torch fallback fails)."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
-
-    def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
 
 
 def _leaves(ir, B, T, H, K, V, seed, dtype=torch.float32):
@@ -69,7 +58,7 @@ def test_memory_compiles_without_graph_breaks(compiled_examples, name, chunk):
     fn = _memory_fn(module, names, n_state, chunk)
     outs, grads, weights = _forward_backward(fn, leaves)
     kernel = "_mlp_bwd_kernel" if ir.memory.kind == "mlp" else "_chunk_bwd_kernel"
-    counter = _CountLaunches(getattr(module, kernel))
+    counter = CountLaunches(getattr(module, kernel))
     setattr(module, kernel, counter)
     try:
         compiled = torch.compile(fn, fullgraph=True, backend=BACKEND)
@@ -120,7 +109,7 @@ def test_block_compiles_without_graph_breaks(compiled_examples):
     y.square().sum().backward()
     grads = {n: p.grad.clone() for n, p in block.named_parameters()}
     block.zero_grad()
-    counter = _CountLaunches(module._chunk_fwd_kernel)
+    counter = CountLaunches(module._chunk_fwd_kernel)
     module._chunk_fwd_kernel = counter
     try:
         cy, _ = torch.compile(block, fullgraph=True, backend=BACKEND)(x)

@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import make_inputs
+from conftest import CountLaunches, make_inputs
 
 from mirasc.compiler import compile_spec
 
@@ -66,17 +66,6 @@ def _compile(i, bias, decls, retention, lr, chunk, at, K, V, tmp_path):
     return module, compiled.ir
 
 
-class _CountLaunches:
-    """Stands in for the module's _step_kernel and counts its launches (so a silent torch fallback fails)."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
-
-    def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
-
-
 def _inputs(ir, dtype, B, T, H, K, V, seed):
     """Inputs in the run's dtype, their float64 images (the values it sees exactly) and a random state."""
     q, k, v, params, gen = make_inputs(ir, B, T, H, K, V, dtype=torch.float64, seed=seed)
@@ -111,7 +100,7 @@ def _decode(module, qkv, params, state, chunk, backend, start, stop):
 def test_triton_step_matches_torch_step_and_reference(i, tmp_path, monkeypatch):
     bias, decls, retention, lr, chunk, at, K, V, dtype = VARIANTS[i]
     module, ir = _compile(i, bias, decls, retention, lr, chunk, at, K, V, tmp_path)
-    counter = _CountLaunches(module._step_kernel)
+    counter = CountLaunches(module._step_kernel)
     monkeypatch.setattr(module, "_step_kernel", counter)
     B, H = 2, 2
     T = chunk + 5 if chunk > 1 else 7  # crosses a chunk boundary, ends inside a chunk
@@ -165,7 +154,7 @@ def test_prefill_then_triton_steps_equals_one_call(i, tmp_path):
 
 def test_auto_picks_the_kernel_only_where_it_applies(tmp_path, monkeypatch):
     module, ir = _compile(4, *VARIANTS[4][:8], tmp_path)
-    counter = _CountLaunches(module._step_kernel)
+    counter = CountLaunches(module._step_kernel)
     monkeypatch.setattr(module, "_step_kernel", counter)
     B, H, K, V = 2, 2, 12, 20
     (q, k, v), params, s0 = _inputs(ir, torch.float32, B, 2, H, K, V, seed=7)
@@ -194,7 +183,7 @@ def test_auto_picks_the_kernel_only_where_it_applies(tmp_path, monkeypatch):
 
 def test_triton_step_refusals(tmp_path, monkeypatch, compiled_examples):
     module, ir = _compile(0, *VARIANTS[0][:8], tmp_path)
-    counter = _CountLaunches(module._step_kernel)
+    counter = CountLaunches(module._step_kernel)
     monkeypatch.setattr(module, "_step_kernel", counter)
     B, H, K, V = 1, 2, 16, 8
     (q, k, v), params, s0 = _inputs(ir, torch.float32, B, 1, H, K, V, seed=8)
