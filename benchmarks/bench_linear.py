@@ -1,6 +1,6 @@
 """Matrix-memory layers on the GPU: agreement with the reference at full shape, then speed beside peers.
 
-    python benchmarks/bench_linear.py [--out DIR] [--quick]
+    python benchmarks/bench_linear.py [--out DIR] [--quick] [--smoke]
 
 Part 1 (agreement, B=8, T=2048, H=16, K=V=64, bf16): the triton backend's outputs and final state
 against the reference backend run in float32 on the same (bf16-rounded) inputs, and its gradients of
@@ -9,17 +9,28 @@ and the error is taken over every output element.
 Part 2 (speed): median ms of triton.testing.do_bench for the generated layers and, in the same run, the
 peers of ../shared/BENCHMARKS.md (fla, when its wheels are on PYTHONPATH; F.scaled_dot_product_attention).
 Part 3: time against T (2K .. 64K) for the lp(p=3) layer.
+Layers: the specs of LAYERS and the examples of EXAMPLES (per-channel decay: log_cosh.miras; momentum:
+quantile.miras, whose state is the tuple (S, m)).
 Prints a markdown table and writes it to benchmarks/results/ (or --out).
+--smoke runs every part at a tiny shape in Triton's CPU interpreter, without the peers that need CUDA
+(checks the script, not speed; writes a file only with --out).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import importlib.util
+import os
+import re
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
+
+SMOKE = "--smoke" in sys.argv
+if SMOKE:  # must precede the first import of triton
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +41,8 @@ sys.path.insert(0, str(ROOT))
 
 from mirasc.compiler import compile_spec
 
-B, T, H, D = 8, 2048, 16, 64
-DEV = "cuda"
+B, T, H, D = (1, 40, 2, 16) if SMOKE else (8, 2048, 16, 64)
+DEV = "cpu" if SMOKE else "cuda"
 
 LAYERS = {  # name: (bias, retention, lr, declarations, chunk, gradient point)
     "dot + decay (chunk 64)": ("dot", "decay(a)", "1", ["gate a : head = sigmoid(rank=4, init=0.97)"], 64,
@@ -51,12 +62,34 @@ LAYERS = {  # name: (bias, retention, lr, declarations, chunk, gradient point)
         "param c = learnable(1.0, softplus)", "gate a : head = sigmoid(rank=4, init=0.97)",
         "gate eta : head = softplus(rank=4, init=0.1)"], 64, "previous"),
 }
+EXAMPLES = {  # name: example file, compiled as it is (heads and dims set to this script's shape)
+    "log-cosh + per-channel decay (log_cosh.miras, chunk 64)": "log_cosh.miras",
+    "quantile + momentum (quantile.miras, chunk 16)": "quantile.miras",
+}
+
+
+def smoke_chunk(chunk: int) -> int:
+    """--smoke: chunks of at most 16, so that the tiny sequence spans several."""
+    return min(chunk, 16) if SMOKE else chunk
 
 
 def compile_layer(i: int, bias: str, retention: str, lr: str, decls: list[str], chunk: int, at: str):
     text = "\n".join([f"layer Bench{i} {{", f"    heads {H}", f"    key_dim {D}", f"    value_dim {D}",
                       "    memory linear", *("    " + d for d in decls), f"    bias {bias}",
-                      f"    retention {retention}", f"    algorithm gd(lr={lr}, chunk={chunk}, at={at})", "}"])
+                      f"    retention {retention}", f"    algorithm gd(lr={lr}, chunk={smoke_chunk(chunk)}, at={at})",
+                      "}"])
+    return load_module(i, text)
+
+
+def compile_example(i: int, file: str):
+    text = (ROOT / "examples" / file).read_text()
+    for word, value in (("heads", H), ("key_dim", D), ("value_dim", D)):
+        text = re.sub(rf"^(\s*){word}\s+\d+", rf"\g<1>{word} {value}", text, flags=re.MULTILINE)
+    text = re.sub(r"chunk=(\d+)", lambda m: f"chunk={smoke_chunk(int(m.group(1)))}", text)
+    return load_module(i, text)
+
+
+def load_module(i: int, text: str):
     compiled = compile_spec(text, f"bench{i}.miras")
     path = Path(tempfile.mkdtemp()) / f"bench{i}.py"
     path.write_text(compiled.source)
@@ -79,7 +112,7 @@ def inputs(ir, Tn=T, dtype=torch.bfloat16, seed=0, Bn=B):
             lo, hi = 0.1, 0.9
         if p.kind == "learnable":  # the Cauchy scale c: near 1, where the loss is well conditioned
             lo, hi = 0.5, 1.5
-        shape = (H,) if p.kind == "learnable" else (Bn, Tn, H)
+        shape = (H,) if p.kind == "learnable" else (Bn, Tn, H, D) if p.shape == "channel" else (Bn, Tn, H)
         params[p.name] = lo + (hi - lo) * torch.rand(shape, device=DEV, generator=g)
     return q, k, v, params
 
@@ -89,26 +122,38 @@ def rel(a, b) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def flat(state) -> list:
+    return [state] if torch.is_tensor(state) else list(state)
+
+
 def agreement(name, module, ir, rows):
     q, k, v, params = inputs(ir, seed=1)
-    s0 = 0.1 * torch.randn(B, H, D, D, device=DEV)
-    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, *params.values(), s0)]
-    torch.cuda.synchronize()
-    o, s = module.memory(*leaves[:3], **dict(zip(params, leaves[3:-1])), initial_state=leaves[-1],
+    s0 = [0.1 * torch.randn(B, H, D, D, device=DEV)]
+    if ir.algorithm.kind == "momentum":  # the state is (S, m)
+        s0.append(0.01 * torch.randn(B, H, D, D, device=DEV))
+    ns = len(s0)
+
+    def state(xs):
+        return xs[0] if ns == 1 else tuple(xs)
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, *params.values(), *s0)]
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+    o, s = module.memory(*leaves[:3], **dict(zip(params, leaves[3:-ns])), initial_state=state(leaves[-ns:]),
                          output_final_state=True, backend="triton")
-    w_o, w_s = torch.randn_like(o, dtype=torch.float32), torch.randn_like(s)
-    ((o.float() * w_o).sum() + (s * w_s).sum()).backward()
+    s = flat(s)
+    w_o, w_s = torch.randn_like(o, dtype=torch.float32), [torch.randn_like(x) for x in s]
+    ((o.float() * w_o).sum() + sum((x * w).sum() for x, w in zip(s, w_s))).backward()
     with torch.no_grad():
-        o_ref, s_ref = module.memory(q.float(), k.float(), v.float(), **params, initial_state=s0,
+        o_ref, s_ref = module.memory(q.float(), k.float(), v.float(), **params, initial_state=state(s0),
                                      output_final_state=True, backend="reference")
-    ref_leaves = [x.detach().float().clone().requires_grad_() for x in (q, k, v, *params.values(), s0)]
-    o_t, s_t = module.memory(*ref_leaves[:3], **dict(zip(params, ref_leaves[3:-1])),
-                             initial_state=ref_leaves[-1], output_final_state=True, backend="torch")
-    ((o_t * w_o).sum() + (s_t * w_s).sum()).backward()
-    errs = {"o": rel(o, o_ref), "state": rel(s, s_ref)}
-    for n, a, b in zip(["dq", "dk", "dv", *[f"d{p}" for p in params], "ds0"], leaves, ref_leaves):
+    ref_leaves = [x.detach().float().clone().requires_grad_() for x in (q, k, v, *params.values(), *s0)]
+    o_t, s_t = module.memory(*ref_leaves[:3], **dict(zip(params, ref_leaves[3:-ns])),
+                             initial_state=state(ref_leaves[-ns:]), output_final_state=True, backend="torch")
+    ((o_t * w_o).sum() + sum((x * w).sum() for x, w in zip(flat(s_t), w_s))).backward()
+    errs = {"o": rel(o, o_ref), "state": max(rel(a, b) for a, b in zip(s, flat(s_ref)))}
+    for n, a, b in zip(["dq", "dk", "dv", *[f"d{p}" for p in params], "ds0", "dm0"], leaves, ref_leaves):
         errs[n] = rel(a.grad, b.grad)
-    finite = all(torch.isfinite(x).all().item() for x in (o, s, *(x.grad for x in leaves)))
+    finite = all(torch.isfinite(x).all().item() for x in (o, *s, *(x.grad for x in leaves)))
     worst = max(errs.values())
     ok = finite and worst < 1e-2
     rows.append(f"| {name} | {errs['o']:.1e} | {errs['state']:.1e} | {max(v for k_, v in errs.items() if k_.startswith('d')):.1e} "
@@ -119,6 +164,11 @@ def agreement(name, module, ir, rows):
 
 def bench(fn, what):
     try:
+        if SMOKE:  # no CUDA events in the interpreter: one timed call after one warm-up
+            fn()
+            t0 = time.time()
+            fn()
+            return 1000 * (time.time() - t0)
         ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
         return ms
     except Exception as exc:  # noqa: BLE001 - a peer that refuses to run is reported, not fatal
@@ -128,6 +178,8 @@ def bench(fn, what):
 
 def peak_mib(fn) -> float:
     """Memory allocated by one call of fn beyond what was live before it (MiB): fwd+bwd's working set."""
+    if SMOKE:
+        return float("nan")
     try:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -175,6 +227,8 @@ def peers():
         f = bench(sdpa, "sdpa")
     both = fwd_bwd(sdpa, [qt, kt, vt])
     out["causal softmax attention (SDPA)"] = (f, bench(both, "sdpa bwd"), peak_mib(both))
+    if SMOKE:  # fla's kernels need CUDA
+        return out
     try:
         import fla.ops.common.chunk_o as fla_chunk_o
         from fla.ops.delta_rule import chunk_delta_rule
@@ -211,15 +265,19 @@ def peers():
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--out", default=None, help="directory of the table (default benchmarks/results/; "
+                                                "with --smoke, none)")
     ap.add_argument("--quick", action="store_true", help="skip the T sweep")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes in Triton's CPU interpreter, no CUDA peers")
     args = ap.parse_args()
     torch.manual_seed(0)
-    props = torch.cuda.get_device_properties(0)
-    head = (f"# Matrix-memory layers: agreement and speed\n\n{datetime.date.today()} · {props.name} · "
+    device = "cpu (TRITON_INTERPRET=1)" if SMOKE else torch.cuda.get_device_properties(0).name
+    head = (f"# Matrix-memory layers: agreement and speed\n\n{datetime.date.today()} · {device} · "
             f"torch {torch.__version__} · triton {triton.__version__} · B={B}, T={T}, H={H}, K=V={D}, bf16\n")
     print(head, flush=True)
     modules = {name: compile_layer(i, *spec) for i, (name, spec) in enumerate(LAYERS.items())}
+    for i, (name, file) in enumerate(EXAMPLES.items(), start=len(LAYERS)):
+        modules[name] = compile_example(i, file)
 
     agree = ["## Agreement (triton, bf16) vs reference fp32 (o, state) and torch fp32 (grads)\n",
              "| layer | rel err o | rel err state | max rel err grads | finite | verdict |", "|---|---|---|---|---|---|"]
@@ -247,7 +305,8 @@ def main() -> int:
     for name, (module, ir) in modules.items():  # one decode step (torch ops; no fused step kernel yet)
         q, k, v, params = inputs(ir, 1)
         tok = {n: (p if p.dim() == 1 else p[:, 0]) for n, p in params.items()}
-        state = module.decode_state(torch.zeros(B, H, D, D, device=DEV))
+        zeros = torch.zeros(B, H, D, D, device=DEV)
+        state = module.decode_state((zeros, zeros.clone()) if ir.algorithm.kind == "momentum" else zeros)
         with torch.no_grad():
             tok_qkv = (q[:, 0], k[:, 0], v[:, 0])
             ms = bench(lambda m=module, a=tok_qkv, s=state, t=tok: m.step(*a, **t, state=s), "step")
@@ -257,20 +316,23 @@ def main() -> int:
         speed.append(f"| {name} | {f:.3f} | {fb:.3f} | {mem:.0f} |")
 
     sweep = []
+    module, ir = modules["lp(p=3) + decay (chunk 64)"]
     if not args.quick:
-        sweep = ["\n## lp(p=3) + decay: time against T (B=1, H=16)\n", "| T | fwd ms | fwd+bwd ms | fwd+bwd us / 1K tokens |",
+        sweep = [f"\n## lp(p=3) + decay: time against T (B=1, H={H})\n", "| T | fwd ms | fwd+bwd ms | fwd+bwd us / 1K tokens |",
                  "|---|---|---|---|"]
         print("\n".join(sweep), flush=True)
-        for Tn in (2048, 8192, 32768, 65536):
+        for Tn in (32, 64) if SMOKE else (2048, 8192, 32768, 65536):
             f, fb, _ = time_layer(module, ir, Tn, Bn=1)
             sweep.append(f"| {Tn} | {f:.3f} | {fb:.3f} | {1000 * fb / (Tn / 1024):.1f} |")
             print(sweep[-1], flush=True)
 
     text = "\n".join([head, *agree, *speed, *sweep]) + "\n"
     print("\n" + text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"linear_{props.name.replace(' ', '_')}_{datetime.date.today()}.md").write_text(text)
+    if args.out or not SMOKE:
+        out = Path(args.out or ROOT / "benchmarks" / "results")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"linear_{device.split(' ')[0] if SMOKE else device.replace(' ', '_')}_{datetime.date.today()}.md"
+         ).write_text(text)
     return 0 if all_ok else 1
 
 
