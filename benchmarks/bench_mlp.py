@@ -18,7 +18,8 @@ and torch.cuda.synchronize() after every triton call, so a fault is reported at 
 it): the triton backend against the torch backend run in float32 on the same (bf16-rounded) inputs
 (the torch backend equals the reference in CI; the token-by-token reference is too slow at this
 shape): outputs, final state and the gradients of every input, relative error over all elements
-< 1e-2, and no NaN. The Moneta example is checked at B=1: the torch backend's lq path keeps every
+< 1e-2, and no NaN; per-token decays in [0.999, 1) (DECAY says why), and the cond column gives the
+torch backend's own float32 error (against float64, first sequence). The Moneta example is checked at B=1: the torch backend's lq path keeps every
 token's state (about 16 GB at B=1, too much at B=8). Where the bf16 tensor-core products miss the bar, the check runs
 again with tf32 products (the module's _MLP_DOT_PRECISION). A launch setting that does not compile
 (or runs out of shared memory / registers) is retried with the next of FALLBACK.
@@ -89,6 +90,11 @@ FALLBACK = [  # (fwd, bwd) settings tried in turn after the module's own when a 
     ({"BX": 16, "num_warps": 4, "num_stages": 1}, {"BX": 16, "num_warps": 4, "num_stages": 1}),
 ]
 CFG_ATTRS = ("_MLP_FWD_CONFIG", "_MLP_BWD_CONFIG")
+# Per-token decays are drawn in [0.999, 1): with stronger decay (0.9 to 0.99 per token) a LayerNorm'd MLP
+# memory is chaotic over 2048 tokens. The decay shrinks the weights, the LN's 1/std then magnifies the
+# updates, and the torch backend in float32 and float64 end up 0.4 to 1.0 apart (relative) in the output.
+# No kernel can agree with a reference there. The "cond" column measures this for every layer.
+DECAY = (0.999, 1.0)
 START = time.time()
 
 
@@ -137,8 +143,8 @@ def gate_range(ir, p) -> tuple[float, float]:
         return 0.5, 2.0
     if p.name == ir.algorithm.beta:  # momentum
         return 0.5, 0.9
-    if p.activation == "sigmoid":  # decays
-        return 0.9, 0.99
+    if p.activation == "sigmoid":  # decays: see DECAY
+        return DECAY
     return 0.005, 0.02  # learning rates: small enough that 64 summed gradients stay stable
 
 
@@ -222,7 +228,18 @@ def agreement(module, ir, Bn) -> tuple[bool, list[str]]:
     ok = finite and max([*errs.values(), *grads.values()]) < 1e-2
     worst = max(grads, key=grads.get)
     return ok, [f"{errs['o']:.1e}", f"{errs['state']:.1e}", f"{grads[worst]:.1e} ({worst})",
-                "yes" if finite else "NO", "PASS" if ok else "FAIL"]
+                "yes" if finite else "NO", conditioning(module, ir, base, names, n_state), "PASS" if ok else "FAIL"]
+
+
+def conditioning(module, ir, base, names, n_state) -> str:
+    """How far the torch backend in float32 is from itself in float64 (output, first sequence): the
+    error any float32 computation of this layer carries. Near 1 the problem is chaotic, not checkable."""
+    STAGE[0] = "conditioning (torch fp32 vs fp64)"
+    first = [x[:1] if x.dim() > 1 else x for x in base]  # gates of kind learnable have no batch dimension
+    with torch.no_grad():
+        lo = run_memory(module, [x.float() for x in first], names, n_state, "torch")[0]
+        hi = run_memory(module, [x.double() for x in first], names, n_state, "torch")[0]
+    return f"{rel(lo, hi):.1e}"
 
 
 def compile_failure(exc: BaseException) -> bool:
@@ -289,7 +306,7 @@ def child_agree(name: str, cfgs) -> int:
             if not compile_failure(exc):
                 raise
             say(f"@@AGREE | {label}, tf32 products | {STAGE[0]}: {type(exc).__name__} (does not compile) "
-                "| | | | FAIL |")
+                "| | | | | FAIL |")
             return 1
         say(f"@@AGREE | {label}, tf32 products | " + " | ".join(cells) + " |")
         if ok:
@@ -504,8 +521,8 @@ def main() -> int:
 
     # Part 1: agreement, side by side (Triton compiles on the CPU; each child's kernels land in the cache)
     agree = ["## Agreement: triton (bf16 inputs) vs the torch backend in float32\n",
-             "| layer | rel err o | rel err final state | worst grad rel err | finite | verdict |",
-             "|---|---|---|---|---|---|"]
+             "| layer | rel err o | rel err final state | worst grad rel err | finite | cond | verdict |",
+             "|---|---|---|---|---|---|---|"]
     say("\n".join(agree))
     names = layer_names()
     agree_env = dict(env, CUDA_LAUNCH_BLOCKING="1")
@@ -526,11 +543,11 @@ def main() -> int:
         child = done.get(f"agree {n}")
         rows = child.get("AGREE") if child else []
         if child is None:
-            agree.append(f"| {n} | skipped (budget) | | | | |")
+            agree.append(f"| {n} | skipped (budget) | | | | | |")
             all_ok = False
             continue
         if not rows:
-            rows = [f"| {n} | error: {child.error()} | | | | FAIL |"]
+            rows = [f"| {n} | error: {child.error()} | | | | | FAIL |"]
         agree += rows
         all_ok &= child.proc.returncode == 0 and "PASS" in rows[-1]
         for c in child.get("CFG"):
