@@ -514,6 +514,31 @@ def test_block_any_split_equals_one_call(name, overrides):
         close(layer(x)[0], y_full, "reference backend")
 
 
+def test_block_under_autocast(monkeypatch):
+    """Under CUDA's bf16 autocast the q/k L2 norm comes out in fp32 while v stays bf16; the block must
+    hand memory() one dtype. CPU autocast keeps the norm in bf16, so the test makes it fp32 as CUDA's
+    autocast does, and checks the block's output and gradients against the same block in fp32."""
+    module, ir = compiled("moneta", init="learned", conv=1)
+    torch.manual_seed(0)
+    layer = getattr(module, ir.name)(16, chunk_size=4)
+    x = torch.randn(2, 9, 16)
+    y_ref, _ = layer(x)
+    y_ref.square().mean().backward()
+    ref = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    layer.zero_grad()
+    normalize = torch.nn.functional.normalize
+    monkeypatch.setattr(torch.nn.functional, "normalize", lambda t, dim: normalize(t.float(), dim=dim))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().mean().backward()
+    assert ((y.float() - y_ref).norm() / y_ref.norm()).item() < 1e-1  # bf16 throughout: ~4e-2
+    grads = torch.cat([p.grad.flatten() for p in layer.parameters()])
+    assert torch.isfinite(grads).all()
+    ref_grads = torch.cat([g.flatten() for g in ref.values()])
+    assert ((grads - ref_grads).norm() / ref_grads.norm()).item() < 1e-1
+
+
 def test_block_trains():
     """Every parameter of a block gets a finite, non-zero gradient (float32, the default dtype)."""
     module, ir = compiled("titans", init="learned")
