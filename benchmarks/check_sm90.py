@@ -1,0 +1,245 @@
+"""Compile every Triton kernel of the example layers for an H100 (sm_90), without a GPU.
+
+    python benchmarks/check_sm90.py [--only NAME] [--jobs N] [--timeout S]
+
+For each example with Triton kernels, the generated memory() (forward and backward) and step() run on
+CPU tensors at the real shapes with a stand-in for each kernel that records its launch instead of
+running it. Each recorded launch is bound exactly as JITFunction.run binds it on a GPU (the same
+specialization, constexprs and options), then compiled for sm_90 by triton.compile. Configurations:
+head dims K = V = 64 (and 128 for matrix memories), the spec's chunk size (plus 64 and 1 for matrix
+memories), bf16 and fp32 inputs (LOWP as the launchers choose it); step() at a chunk's first token and
+inside a chunk. Identical compilations of a layer are listed once.
+
+Prints a markdown table: compile result (or the error's first line), seconds, shared memory (flagged
+over the H100's 232448 bytes per block), registers and spill bytes (ptxas -v). Exits 1 if a kernel
+fails to compile (or takes over --timeout seconds) or needs too much shared memory. --only NAME keeps
+one example (its stem) or one kernel (e.g. _step_kernel); --jobs N compiles N kernels at a time.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import multiprocessing
+import os
+import queue
+import re
+import signal
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # the launchers must pick the GPU's LOWP, not the interpreter's
+os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="check_sm90_")  # cold compiles, fresh ptxas logs
+
+import torch
+import triton
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import import_spec
+
+warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")  # Triton 3.9's notice on every compile
+
+TARGET = GPUTarget("cuda", 90, 32)
+SMEM_LIMIT = 232448  # bytes of shared memory per block on an H100
+KERNELS = ("_chunk_fwd_kernel", "_chunk_bwd_kernel", "_step_kernel", "_mlp_fwd_kernel", "_mlp_bwd_kernel")
+B, H, T = 1, 16, 2048  # B only sets the grid; H and T as in the benchmarks (ints are specialized on value)
+JOBS: list[dict] = []  # filled before the pool forks; workers compile JOBS[i]
+
+
+class Recorder:
+    """Stands in for a kernel: `kernel[grid](*args, **kwargs)` records the launch, runs nothing."""
+
+    def __init__(self, kernel, calls: list):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((self.kernel, args, kwargs))
+
+
+def bind(kernel, args, kwargs) -> tuple:
+    """(signature, constexprs, attrs, options) of a launch, as JITFunction.run computes them on a GPU."""
+    backend = make_backend(TARGET)
+    kwargs = dict(kwargs)
+    kwargs["debug"] = kwargs.get("debug", kernel.debug) or knobs.runtime.debug
+    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, spec, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, spec, options)
+    return signature, constexprs, attrs, options
+
+
+def record(module, ir, K: int, dtype: torch.dtype, chunk: int) -> list:
+    """The kernel launches of one memory() forward + backward and of step() at positions 0 and 1."""
+    calls: list = []
+    for name in KERNELS:
+        if hasattr(module, name):
+            setattr(module, name, Recorder(getattr(module, f"_orig{name}"), calls))
+    grad = {"requires_grad": True}
+    q, k, v = (torch.randn(B, T, H, K, dtype=dtype, **grad) for _ in range(3))
+    gates = {p.name: torch.rand((H,) if p.kind == "learnable" else (B, T, H) if p.shape == "head"
+                                else (B, T, H, K), **grad) for p in ir.inputs()}
+    mlp = ir.memory.kind == "mlp"
+    state = None
+    if mlp:  # an MLP memory needs its initial weights (and momentum buffers)
+        shapes = module._layer_shapes(K, K) * (2 if ir.algorithm.kind == "momentum" else 1)
+        state = tuple(torch.zeros(B, H, a, b, **grad) for a, b in shapes)
+    o, _ = module.memory(q, k, v, **gates, initial_state=state, chunk_size=chunk, backend="triton")
+    o.float().sum().backward()  # the outputs are uninitialized: only the backward's launch matters
+    if hasattr(module, "_orig_step_kernel"):
+        with torch.no_grad():
+            qs, ks, vs = (torch.randn(B, H, K, dtype=dtype) for _ in range(3))
+            sg = {n: g.detach()[:, 0] if g.dim() > 1 else g.detach() for n, g in gates.items()}
+            _, st = module.step(qs, ks, vs, **sg, chunk_size=chunk, backend="triton")
+            if chunk > 1:  # inside a chunk: BASE_IS_Z (and WRITE_BASE at=retained) change
+                module.step(qs, ks, vs, **sg, state=st, chunk_size=chunk, backend="triton")
+    return calls
+
+
+def collect(only: str | None) -> None:
+    """Fill JOBS with one entry per distinct (layer, kernel compilation)."""
+    out = Path(tempfile.mkdtemp(prefix="check_sm90_src_"))
+    for path in sorted((ROOT / "examples").glob("*.miras")):
+        if only and only not in (path.stem, *KERNELS):
+            continue
+        module, ir = import_spec(path.read_text(), str(path), out, "_check_sm90_")
+        names = [n for n in KERNELS if hasattr(module, n)]
+        if not names:
+            print(f"# {path.stem}: no triton kernels, skipped", file=sys.stderr)
+            continue
+        for n in names:  # keep the real kernels; the module's globals get the recorders
+            setattr(module, f"_orig{n}", getattr(module, n))
+        # the launch checks refuse CPU tensors; nothing here runs a kernel
+        module._triton_usable = module._triton_step_usable = lambda *a: None
+        mlp = ir.memory.kind == "mlp"
+        spec_chunk = module.CHUNK_SIZE
+        chunks = [spec_chunk] if mlp else sorted({spec_chunk, 64, 1}, reverse=True)
+        seen = set()
+        for K in (64,) if mlp else (64, 128):
+            for dtype, dname in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+                for chunk in chunks:
+                    step_pos = 0
+                    for kernel, args, kwargs in record(module, ir, K, dtype, chunk):
+                        kname = kernel.__name__
+                        if only and only in KERNELS and kname != only:
+                            continue
+                        sig, cexp, attrs, opts = bind(kernel, args, kwargs)
+                        key = (kname, str(sig), str(cexp), str(attrs), str(opts))
+                        config = f"K={K} {dname} chunk={chunk}"
+                        if kname == "_step_kernel":
+                            config += f" pos={step_pos}"
+                            step_pos += 1
+                        if key in seen:
+                            continue
+                        seen.add(key)
+                        if "LOWP" in kernel.arg_names:
+                            config += f" LOWP={cexp[(kernel.arg_names.index('LOWP'),)]}"
+                        JOBS.append({"layer": path.stem, "kernel": kname, "config": config,
+                                     "src": ASTSource(kernel, sig, cexp, attrs), "options": opts.__dict__,
+                                     "ws": f"{opts.num_warps}/{opts.num_stages}"})
+
+
+def compile_job(i: int) -> dict:
+    """Compile JOBS[i] for sm_90: ok / error, seconds, shared bytes, registers, spill bytes."""
+    job = JOBS[i]
+    knobs.nvidia.dump_ptxas_log = True  # Triton prints ptxas -v's report
+    log = io.StringIO()
+    t0 = time.time()
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(job["src"], target=TARGET, options=job["options"])
+    except Exception as e:  # noqa: BLE001 - any compile error is a result
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        return {"error": f"{type(e).__name__}: {first}"[:160], "s": time.time() - t0}
+    text = log.getvalue()
+    regs = re.search(r"Used (\d+) registers", text)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    return {"error": None, "s": time.time() - t0, "shared": compiled.metadata.shared,
+            "regs": int(regs.group(1)) if regs else None,
+            "spill": (int(spill.group(1)), int(spill.group(2))) if spill else None}
+
+
+def worker(i: int, results) -> None:
+    os.setpgrp()  # its own process group: a timeout kills the compile together with its ptxas
+    results.put((i, compile_job(i)))
+
+
+def compile_all(jobs: int, timeout: float) -> list:
+    """compile_job over JOBS in up to `jobs` forked processes; a compile past `timeout` s (0: none) is killed."""
+    ctx = multiprocessing.get_context("fork")
+    done = ctx.Queue()
+    results: list = [None] * len(JOBS)
+    todo, running = list(range(len(JOBS))), {}  # running: index -> (process, start time)
+
+    def finish(i: int, r: dict) -> None:
+        results[i] = r
+        job = JOBS[i]
+        print(f"# [{sum(x is not None for x in results)}/{len(JOBS)}] {job['layer']} {job['kernel']} "
+              f"{job['config']}: {r['error'] or 'ok'} ({r['s']:.1f} s)", file=sys.stderr, flush=True)
+
+    while todo or running:
+        while todo and len(running) < jobs:
+            i = todo.pop(0)
+            running[i] = (ctx.Process(target=worker, args=(i, done)), time.time())
+            running[i][0].start()
+        with contextlib.suppress(queue.Empty):
+            i, r = done.get(timeout=1.0)
+            if i in running:  # else it was already timed out
+                running.pop(i)[0].join()
+                finish(i, r)
+        for i, (proc, start) in list(running.items()):
+            if proc.exitcode not in (None, 0):  # crashed before reporting (a result comes with exit 0)
+                del running[i]
+                finish(i, {"error": f"compile process died (exit code {proc.exitcode})", "s": time.time() - start})
+            elif timeout and time.time() - start > timeout:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.join()
+                del running[i]
+                finish(i, {"error": f"timeout: killed after {timeout:.0f} s", "s": time.time() - start})
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", help="one example (file stem) or one kernel name")
+    parser.add_argument("--jobs", type=int, default=1, help="compiles at a time (processes)")
+    parser.add_argument("--timeout", type=float, default=0, help="seconds per compile, then it fails (0: none)")
+    args = parser.parse_args()
+    t0 = time.time()
+    collect(args.only)
+    print(f"# {len(JOBS)} compilations recorded in {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
+    results = compile_all(max(1, args.jobs), args.timeout)
+
+    print("| layer | kernel | configuration | warps/stages | compile | s | shared (B) | regs | spill st/ld (B) |")
+    print("|---|---|---|---|---|---:|---:|---:|---:|")
+    failed = over = spilled = 0
+    for job, r in zip(JOBS, results):
+        if r["error"]:
+            failed += 1
+            cells = [r["error"].replace("|", "\\|"), f"{r['s']:.1f}", "", "", ""]
+        else:
+            big = r["shared"] > SMEM_LIMIT
+            over += big
+            spilled += bool(r["spill"] and any(r["spill"]))
+            spill = "/".join(map(str, r["spill"])) if r["spill"] else "?"
+            cells = ["ok", f"{r['s']:.1f}", f"{r['shared']}{' **> limit**' if big else ''}", str(r["regs"]), spill]
+        print("| " + " | ".join([job["layer"], job["kernel"], job["config"], job["ws"], *cells]) + " |")
+    compile_s = sum(r["s"] for r in results)
+    print(f"\n{len(JOBS)} kernels: {failed} failed to compile or timed out, {over} over {SMEM_LIMIT} B of "
+          f"shared memory, {spilled} spill registers; {compile_s:.0f} s of compiling, {time.time() - t0:.0f} s wall "
+          f"({args.jobs} jobs).")
+    return 1 if failed or over else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
