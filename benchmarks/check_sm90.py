@@ -6,14 +6,15 @@ For each example with Triton kernels, the generated memory() (forward and backwa
 CPU tensors at the real shapes with a stand-in for each kernel that records its launch instead of
 running it. Each recorded launch is bound exactly as JITFunction.run binds it on a GPU (the same
 specialization, constexprs and options), then compiled for sm_90 by triton.compile. Configurations:
-head dims K = V = 64 (and 128 for matrix memories), the spec's chunk size (plus 64 and 1 for matrix
+head dims K = V = 64 (and 128 for matrix memories; --dims picks others), the spec's chunk size (plus 64 and 1 for matrix
 memories), bf16 and fp32 inputs (LOWP as the launchers choose it); step() at a chunk's first token and
 inside a chunk. Identical compilations of a layer are listed once.
 
 Prints a markdown table: compile result (or the error's first line), seconds, shared memory (flagged
 over the H100's 232448 bytes per block), registers and spill bytes (ptxas -v). Exits 1 if a kernel
 fails to compile (or takes over --timeout seconds) or needs too much shared memory. --only NAME keeps
-one example (its stem) or one kernel (e.g. _step_kernel); --jobs N compiles N kernels at a time.
+one example (its stem) or one kernel (e.g. _step_kernel); --jobs N compiles N kernels at a time;
+--dims, --dtypes and --chunks pick other configurations.
 """
 from __future__ import annotations
 
@@ -95,7 +96,7 @@ def record(module, ir, K: int, dtype: torch.dtype, chunk: int) -> list:
         state = tuple(torch.zeros(B, H, a, b, **grad) for a, b in shapes)
     o, _ = module.memory(q, k, v, **gates, initial_state=state, chunk_size=chunk, backend="triton")
     o.float().sum().backward()  # the outputs are uninitialized: only the backward's launch matters
-    if hasattr(module, "_orig_step_kernel"):
+    if hasattr(module, "_orig_step_kernel") and K <= 128:  # the fused step refuses wider heads
         with torch.no_grad():
             qs, ks, vs = (torch.randn(B, H, K, dtype=dtype) for _ in range(3))
             sg = {n: g.detach()[:, 0] if g.dim() > 1 else g.detach() for n, g in gates.items()}
@@ -105,7 +106,7 @@ def record(module, ir, K: int, dtype: torch.dtype, chunk: int) -> list:
     return calls
 
 
-def collect(only: str | None) -> None:
+def collect(only: str | None, dims: list[int], dtypes: list[str], chunk_list: list[int] | None) -> None:
     """Fill JOBS with one entry per distinct (layer, kernel compilation)."""
     out = Path(tempfile.mkdtemp(prefix="check_sm90_src_"))
     for path in sorted((ROOT / "examples").glob("*.miras")):
@@ -122,10 +123,12 @@ def collect(only: str | None) -> None:
         module._triton_usable = module._triton_step_usable = lambda *a: None
         mlp = ir.memory.kind == "mlp"
         spec_chunk = module.CHUNK_SIZE
-        chunks = [spec_chunk] if mlp else sorted({spec_chunk, 64, 1}, reverse=True)
+        chunks = chunk_list or ([spec_chunk] if mlp else sorted({spec_chunk, 64, 1}, reverse=True))
         seen = set()
-        for K in (64,) if mlp else (64, 128):
-            for dtype, dname in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        for K in [d for d in dims if d <= 128] if mlp else dims:
+            for dtype, dname in [(torch.bfloat16, "bf16"), (torch.float32, "fp32")]:
+                if dname not in dtypes:
+                    continue
                 for chunk in chunks:
                     step_pos = 0
                     for kernel, args, kwargs in record(module, ir, K, dtype, chunk):
@@ -141,6 +144,8 @@ def collect(only: str | None) -> None:
                         if key in seen:
                             continue
                         seen.add(key)
+                        if "BV" in kernel.arg_names:  # the kernel's own tile (a column slice of a wide head)
+                            config += " BK={} BV={}".format(*(cexp[(kernel.arg_names.index(n),)] for n in ("BK", "BV")))
                         if "LOWP" in kernel.arg_names:
                             config += f" LOWP={cexp[(kernel.arg_names.index('LOWP'),)]}"
                         JOBS.append({"layer": path.stem, "kernel": kname, "config": config,
@@ -214,9 +219,16 @@ def main() -> int:
     parser.add_argument("--only", help="one example (file stem) or one kernel name")
     parser.add_argument("--jobs", type=int, default=1, help="compiles at a time (processes)")
     parser.add_argument("--timeout", type=float, default=0, help="seconds per compile, then it fails (0: none)")
+    parser.add_argument("--dtypes", default="bf16,fp32", help="input dtypes to record (bf16, fp32)")
+    parser.add_argument("--chunks", help="chunk sizes to record (default: the spec's, and 64 and 1 for "
+                                         "matrix memories)")
+    parser.add_argument("--dims", default="64,128",
+                        help="head dims K = V to record (MLP memories: those up to 128); above 128 a matrix "
+                             "memory's kernels see column slices")
     args = parser.parse_args()
     t0 = time.time()
-    collect(args.only)
+    collect(args.only, [int(d) for d in args.dims.split(",")], args.dtypes.split(","),
+            [int(c) for c in args.chunks.split(",")] if args.chunks else None)
     print(f"# {len(JOBS)} compilations recorded in {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
     results = compile_all(max(1, args.jobs), args.timeout)
 

@@ -173,14 +173,67 @@ GATE_VARIANTS = [
 ]
 
 
+# Head dims above 128 (same fields as GATE_VARIANTS): a head's state runs as column slices of at most
+# 128 columns (K <= 128) or 64 columns (K = 256), each a head of its own for the kernels
+WIDE_VARIANTS = [
+    ("sum(log(1 + ((y - v) / c)^2))", ["param c = learnable(1.0, softplus)", "gate a : head = sigmoid(rank=4, init=0.9)",
+                                        "gate eta : channel = softplus(rank=4, init=0.1)"],
+     "decay(a)", "eta", None, 16, "previous", 256, 256, torch.float32, 21, True),  # 4 slices of 64, K = 256
+    ("l2", ["gate a : channel = sigmoid(rank=4, init=0.9)", "gate eta : head = sigmoid(rank=4, init=0.5)"],
+     "decay(a)", "eta", None, 1, "retained", 32, 160, torch.float32, 9, True),  # 2 slices of 80, chunk 1
+    ("lp(p=3)", ["gate a : head = sigmoid(rank=4, init=0.9)", "param b = learnable(0.8, sigmoid)",
+                 "gate d : head = softplus(rank=4, init=0.1)"],
+     "decay(a)", "d", "b", 16, "previous", 64, 256, torch.bfloat16, 20, True),  # momentum, 2 slices
+    ("huber(d)", ["gate d : channel = softplus(rank=4, init=0.5)", "param lr = learnable(0.3, softplus)"],
+     "none", "lr", None, 16, "previous", 200, 48, torch.float32, 18, False),  # K = 200 unsliced
+    ("l2", ["gate a : head = sigmoid(rank=4, init=0.9)", "gate eta : head = softplus(rank=4, init=0.1)"],
+     "decay(a)", "eta", None, 64, "previous", 128, 128, torch.bfloat16, 70, True),  # 64-token tiles: 2 slices
+]
+
+
 @pytest.mark.parametrize("i", range(len(GATE_VARIANTS)))
 def test_triton_gates_match_reference(i, tmp_path):
     """Per-channel decay and momentum: outputs, final state (S and m), every gradient, ragged T."""
-    bias, decls, retention, lr, beta, chunk, at, K, V, dtype, T, with_s0 = GATE_VARIANTS[i]
-    module, ir = _compile(100 + i, bias, decls, retention, lr, chunk, at, K, V, tmp_path, beta=beta)
+    _check_variant(100 + i, GATE_VARIANTS[i], tmp_path)
+
+
+@pytest.mark.parametrize("i", range(len(WIDE_VARIANTS)))
+def test_triton_wide_heads_match_reference(i, tmp_path):
+    """Head dims above 128: the column slices agree with the reference in every output and gradient."""
+    module = _check_variant(200 + i, WIDE_VARIANTS[i], tmp_path, heads=1 + i % 2)  # H = 1: zero strides
+    chunk, _, K, V, dtype = WIDE_VARIANTS[i][5:10]
+    expected = {(256, 256): 4, (32, 160): 2, (64, 256): 2, (200, 48): 1, (128, 128): 2}[K, V]
+    assert module._value_slices(K, V, chunk, dtype != torch.float32) == expected
+
+
+def test_triton_wide_heads_refused_for_coupled_columns(tmp_path):
+    """A bias that reduces over the value dimension couples the columns: no slices, a clear error, and
+    "auto" takes the torch backend."""
+    module, ir = _compile(300, "huber_norm(d)", ["gate d : head = softplus(rank=4, init=1.0)"], "decay(0.9)", "0.1",
+                          16, "previous", 16, 192, tmp_path)
+    assert not module._COLUMN_SEPARABLE
+    q, k, v, params, _ = make_inputs(ir, 1, 8, 2, 16, 192, dtype=torch.float32)
+    q, k, v = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
+    params = {n: p.to(DEVICE) for n, p in params.items()}
+    with pytest.raises(ValueError, match="reduces over the value dimension"):
+        module.memory(q, k, v, **params, chunk_size=16, backend="triton")
+    o, _ = module.memory(q, k, v, **params, chunk_size=16, backend="auto")
+    ref, _ = module.memory(q, k, v, **params, chunk_size=16, backend="reference")
+    assert _rel(o, ref) < 1e-4
+    # K = V = 128 in 64-token tiles: the whole state does not fit one program, and slices would be wrong
+    q128 = torch.randn(1, 8, 2, 128, device=DEVICE)
+    assert "reduces over the value dimension" in module._triton_usable(q128, q128, 64)
+    assert module._triton_usable(q128, q128, 32) is None
+    with pytest.raises(ValueError, match="cannot hold a K = 264"):
+        module.memory(*(torch.randn(1, 8, 2, 264, device=DEVICE) for _ in range(2)), v, **params, backend="triton")
+
+
+def _check_variant(idx, variant, tmp_path, heads=2):
+    bias, decls, retention, lr, beta, chunk, at, K, V, dtype, T, with_s0 = variant
+    module, ir = _compile(idx, bias, decls, retention, lr, chunk, at, K, V, tmp_path, beta=beta)
     assert "_memory_triton" in vars(module), unsupported_reason(ir)
-    B, H = 2 if K * V <= 256 else 1, 2
-    q, k, v, params, gen = make_inputs(ir, B, T, H, K, V, dtype=torch.float64, seed=2000 + i)
+    B, H = 2 if K * V <= 256 else 1, heads
+    q, k, v, params, gen = make_inputs(ir, B, T, H, K, V, dtype=torch.float64, seed=1900 + idx)
     q, k, v = (x.to(dtype).double() for x in (q, k, v))
     n = 2 if beta is not None else 1
     states = [0.3 * torch.randn(B, H, K, V, dtype=torch.float64, generator=gen) for _ in range(n)]
@@ -215,6 +268,7 @@ def test_triton_gates_match_reference(i, tmp_path):
         assert a.grad is not None and torch.isfinite(a.grad).all(), f"d{what}"
         assert b.grad.abs().sum() > 0, f"d{what} is zero: the comparison could not fail"
         assert _rel(a.grad, b.grad) < tol, f"d{what}: relative error {_rel(a.grad, b.grad):.2e}"
+    return module
 
 
 def test_triton_prefill_then_decode(tmp_path):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import re
 
+import sympy as sp
+
 from ..ir import LayerIR
 from .printers import _wrap_stmt, triton_bias_source
 
@@ -49,6 +51,18 @@ def _body(lines: list[str]) -> str:
     return text
 
 
+def column_separable(bias) -> bool:
+    """Whether dL/dy_j and its VJPs read value column j only (no reduction over the value dimension, no
+    V): then the columns of a matrix memory evolve independently, and the kernels may run a head's
+    state as several column slices (templates/triton_linear.py.j2, _value_slices)."""
+    banned = {s for s, _ in bias.reductions} | {r for r, _ in bias.vjp.sums}
+    if bias.V is not None:
+        banned.add(bias.V)
+    pieces = [bias.grad, bias.vjp.dy, bias.vjp.dv]
+    pieces += [x for p in bias.vjp.dparams for x in (p.elem, p.token)]
+    return not any(sp.sympify(e).free_symbols & banned for e in pieces)
+
+
 def triton_context(ir: LayerIR) -> dict | None:
     """Template variables for templates/triton_linear.py.j2, or None when the layer is not covered."""
     if unsupported_reason(ir) is not None:
@@ -85,6 +99,7 @@ def triton_context(ir: LayerIR) -> dict | None:
         "triton_bias_args": bias_sources,
         "triton_at_retained": ir.algorithm.at == "retained",
         "triton_bias_src": src,
+        "column_separable": column_separable(ir.bias),
         "needs_y": ir.bias.klass != "independent",
         "eta_channel": eta_channel,
         "alpha_channel": shape_of(ir, ir.retention.alpha) == "channel",
