@@ -178,16 +178,18 @@ GATE_VARIANTS = [
 WIDE_VARIANTS = [
     ("sum(log(1 + ((y - v) / c)^2))", ["param c = learnable(1.0, softplus)", "gate a : head = sigmoid(rank=4, init=0.9)",
                                         "gate eta : channel = softplus(rank=4, init=0.1)"],
-     "decay(a)", "eta", None, 16, "previous", 256, 256, torch.float32, 21, True),  # 4 slices of 64, K = 256
+     "decay(a)", "eta", None, 16, "previous", 256, 256, torch.bfloat16, 21, True),  # 4 slices of 64, K = 256
     ("l2", ["gate a : channel = sigmoid(rank=4, init=0.9)", "gate eta : head = sigmoid(rank=4, init=0.5)"],
      "decay(a)", "eta", None, 1, "retained", 32, 160, torch.float32, 9, True),  # 2 slices of 80, chunk 1
     ("lp(p=3)", ["gate a : head = sigmoid(rank=4, init=0.9)", "param b = learnable(0.8, sigmoid)",
                  "gate d : head = softplus(rank=4, init=0.1)"],
      "decay(a)", "d", "b", 16, "previous", 64, 256, torch.bfloat16, 20, True),  # momentum, 2 slices
     ("huber(d)", ["gate d : channel = softplus(rank=4, init=0.5)", "param lr = learnable(0.3, softplus)"],
-     "none", "lr", None, 16, "previous", 200, 48, torch.float32, 18, False),  # K = 200 unsliced
+     "none", "lr", None, 16, "previous", 200, 48, torch.bfloat16, 18, False),  # K = 200 unsliced
     ("l2", ["gate a : head = sigmoid(rank=4, init=0.9)", "gate eta : head = softplus(rank=4, init=0.1)"],
      "decay(a)", "eta", None, 64, "previous", 128, 128, torch.bfloat16, 70, True),  # 64-token tiles: 2 slices
+    ("l2", ["gate eta : head = softplus(rank=4, init=0.1)"], "decay(0.95)", "eta", None, 64, "previous", 64, 128,
+     torch.float32, 67, True),  # fp32 in 64-token tiles: 64 x 64 per program, 2 slices
 ]
 
 
@@ -202,7 +204,7 @@ def test_triton_wide_heads_match_reference(i, tmp_path):
     """Head dims above 128: the column slices agree with the reference in every output and gradient."""
     module = _check_variant(200 + i, WIDE_VARIANTS[i], tmp_path, heads=1 + i % 2)  # H = 1: zero strides
     chunk, _, K, V, dtype = WIDE_VARIANTS[i][5:10]
-    expected = {(256, 256): 4, (32, 160): 2, (64, 256): 2, (200, 48): 1, (128, 128): 2}[K, V]
+    expected = {(256, 256): 4, (32, 160): 2, (64, 256): 2, (200, 48): 1, (128, 128): 2, (64, 128): 2}[K, V]
     assert module._value_slices(K, V, chunk, dtype != torch.float32) == expected
 
 
@@ -221,9 +223,10 @@ def test_triton_wide_heads_refused_for_coupled_columns(tmp_path):
     ref, _ = module.memory(q, k, v, **params, chunk_size=16, backend="reference")
     assert _rel(o, ref) < 1e-4
     # K = V = 128 in 64-token tiles: the whole state does not fit one program, and slices would be wrong
-    q128 = torch.randn(1, 8, 2, 128, device=DEVICE)
+    q128 = torch.randn(1, 8, 2, 128, device=DEVICE, dtype=torch.bfloat16)
     assert "reduces over the value dimension" in module._triton_usable(q128, q128, 64)
     assert module._triton_usable(q128, q128, 32) is None
+    assert module._triton_usable(q128.float(), q128.float(), 32) is not None  # fp32 operands: twice the room
     with pytest.raises(ValueError, match="cannot hold a K = 264"):
         module.memory(*(torch.randn(1, 8, 2, 264, device=DEVICE) for _ in range(2)), v, **params, backend="triton")
 
