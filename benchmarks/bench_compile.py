@@ -35,7 +35,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import import_spec, lp_decay_spec
+from benchmarks.common import import_spec, lp_decay_spec, rel
 
 B, T, D_MODEL, H, K = (1, 24, 32, 2, 16) if SMOKE else (8, 2048, 1024, 16, 64)
 DEV = "cpu" if SMOKE else "cuda"
@@ -58,10 +58,6 @@ def layers(out: Path) -> list:
     found.append(("lp(p=3) + decay", module, ir))
     return found
 
-
-def rel(a, b) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def bench(fn) -> float:

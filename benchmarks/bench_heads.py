@@ -29,7 +29,7 @@ import triton
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import import_spec, lp_decay_spec
+from benchmarks.common import import_spec, lp_decay_spec, rel
 
 B, T, WIDTH = (1, 40, 256) if SMOKE else (4, 2048, 1024)
 DIMS = (64, 256) if SMOKE else (64, 128, 256)
@@ -56,10 +56,6 @@ def run(module, leaves, chunk, backend, weights=None):
         ((o.float() * weights[0]).sum() + (s * weights[1]).sum()).backward()
     return o, s
 
-
-def rel(a, b) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def bench(fn) -> float:

@@ -39,6 +39,7 @@ import triton
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import rel
 from mirasc.compiler import compile_spec
 
 B, T, H, D = (1, 40, 2, 16) if SMOKE else (8, 2048, 16, 64)
@@ -116,10 +117,6 @@ def inputs(ir, Tn=T, dtype=torch.bfloat16, seed=0, Bn=B):
         params[p.name] = lo + (hi - lo) * torch.rand(shape, device=DEV, generator=g)
     return q, k, v, params
 
-
-def rel(a, b) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def flat(state) -> list:

@@ -63,7 +63,7 @@ import triton
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import import_spec
+from benchmarks.common import import_spec, rel
 
 B, T, H, D, CHUNK = (1, 40, 2, 16, 16) if SMOKE else (8, 2048, 16, 64, 64)
 DEV = "cpu" if SMOKE else "cuda"
@@ -172,10 +172,6 @@ def inputs(ir, seed=0, Bn=B):
 def flat(state) -> list:
     return [state] if torch.is_tensor(state) else list(state)
 
-
-def rel(a, b) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def run_memory(module, leaves, names, n_state, backend, weights=None):

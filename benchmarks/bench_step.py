@@ -31,7 +31,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import import_spec, lp_decay_spec
+from benchmarks.common import import_spec, lp_decay_spec, rel
 
 
 def load(text: str, name: str, out: Path):
@@ -67,10 +67,6 @@ def token_inputs(ir, B, H, K, V, dev, dtype, gen):
         params[p.name] = lo + (hi - lo) * torch.rand(shape, device=dev, generator=gen)
     return q, k, v, params
 
-
-def rel(a, b) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def agreement(module, ir, B, H, K, V, dev, dtype, n=16) -> tuple[float, float]:

@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: compiling a spec into an importable module, and the lp layer."""
+"""What the benchmark scripts share: compiling a spec into an importable module, the lp layer, and the
+relative error every agreement check reports."""
 from __future__ import annotations
 
 import importlib.util
@@ -32,3 +33,9 @@ def lp_decay_spec(heads: int, dim: int, chunk: int = 64) -> str:
     algorithm gd(lr=eta, chunk={chunk})
 }}
 """
+
+
+def rel(a, b) -> float:
+    """||a - b|| / ||b|| over all elements, in float64."""
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()

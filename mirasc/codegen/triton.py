@@ -63,22 +63,31 @@ def column_separable(bias) -> bool:
     return not any(sp.sympify(e).free_symbols & banned for e in pieces)
 
 
-def triton_context(ir: LayerIR) -> dict | None:
-    """Template variables for templates/triton_linear.py.j2, or None when the layer is not covered."""
-    if unsupported_reason(ir) is not None:
-        return None
+def bias_params_of(ir: LayerIR) -> list[dict]:
+    """The bias's non-constant parameters in kernel-argument order: {name, kind: learnable|channel|head}."""
     by_name = {p.name: p for p in ir.params}
-    bias_params = []
+    kinds = []
     for name in ir.bias.params:
         p = by_name[name]
         kind = "learnable" if p.kind == "learnable" else ("channel" if p.shape == "channel" else "head")
-        bias_params.append({"name": name, "kind": kind})
+        kinds.append({"name": name, "kind": kind})
+    return kinds
+
+
+def eta_is_channel(ir: LayerIR) -> bool:
+    """Whether the learning rate is a per-channel gate ([B, T, H, V])."""
+    lr = ir.algorithm.lr
+    return isinstance(lr, str) and shape_of(ir, lr) == "channel"
+
+
+def bias_functions(ir: LayerIR, bias_params: list[dict]) -> str:
+    """The @triton.jit `_bias_grad` / `_bias_vjp` pair (and the helpers they call) on [BT, BV] tiles."""
     names = {p["name"]: f"p_{p['name']}" for p in bias_params}
     tb = triton_bias_source(ir.bias, y="y", v="v", w="w", V="V", params=names, mask="vmask",
                             reduce="_vsum({x}, {mask})")
     args = "".join(f", p_{p['name']}" for p in bias_params)
     douts = "".join(f", d_{p['name']}" for p in bias_params)
-    src = (
+    return (
         f"{tb.helpers.rstrip()}\n\n\n{_VSUM}\n\n"
         f"@triton.jit\ndef _bias_grad(y, v, vmask{args}):\n"
         f'    """dL/dy of the bias on a [BT, BV] tile (padded columns are masked out of reductions)."""\n'
@@ -86,22 +95,25 @@ def triton_context(ir: LayerIR) -> dict | None:
         f"@triton.jit\ndef _bias_vjp(y, v, w, vmask{args}):\n"
         f'    """The VJP of _bias_grad at the cotangent w: (dy, dv, d<param>...)."""\n'
         f"{_body(tb.vjp)}\n    return dy, dv{douts}\n"
-    )
+    ).lstrip("\n")
+
+
+def triton_context(ir: LayerIR) -> dict | None:
+    """Template variables for templates/triton_linear.py.j2, or None when the layer is not covered."""
+    if unsupported_reason(ir) is not None:
+        return None
+    bias_params = bias_params_of(ir)
     lr = ir.algorithm.lr
-    eta_channel = isinstance(lr, str) and by_name[lr].kind == "gate" and by_name[lr].shape == "channel"
-    bias_sources = []
-    for p in bias_params:
-        bias_sources.append(f"{p['name']}.float().contiguous()")
     return {
         "bias_params": bias_params,
         "triton_eta": operand_source(ir, lr, "eta"),
         "triton_alpha": operand_source(ir, ir.retention.alpha, "alpha"),
-        "triton_bias_args": bias_sources,
+        "triton_bias_args": [f"{p['name']}.float().contiguous()" for p in bias_params],
         "triton_at_retained": ir.algorithm.at == "retained",
-        "triton_bias_src": src,
+        "triton_bias_src": bias_functions(ir, bias_params),
         "column_separable": column_separable(ir.bias),
         "needs_y": ir.bias.klass != "independent",
-        "eta_channel": eta_channel,
+        "eta_channel": eta_is_channel(ir),
         "alpha_channel": shape_of(ir, ir.retention.alpha) == "channel",
         "triton_beta": operand_source(ir, ir.algorithm.beta, "beta") if ir.algorithm.kind == "momentum" else None,
         # the fused decode step (templates/triton_step.py.j2) covers gd only

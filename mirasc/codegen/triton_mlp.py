@@ -11,8 +11,7 @@ matrix memory's kernels call, printed here with the helpers of mirasc.codegen.tr
 from __future__ import annotations
 
 from ..ir import LayerIR
-from .printers import triton_bias_source
-from .triton import _VSUM, _body, operand_source
+from .triton import bias_functions, bias_params_of, eta_is_channel, operand_source
 
 MIN_CHUNK = 1  # chunks under 16 tokens run in tiles of 16 rows, `chunk` of them valid per pass
 MAX_CHUNK = 64  # [BT, BT] and [BT, tile] register tiles beyond this spill registers
@@ -59,24 +58,6 @@ def mlp_unsupported_reason(ir: LayerIR) -> str | None:
     return None
 
 
-def _bias_functions(ir: LayerIR, bias_params: list[dict]) -> str:
-    """The @triton.jit `_bias_grad` / `_bias_vjp` pair (and the helpers they call) on [BT, BV] tiles."""
-    names = {p["name"]: f"p_{p['name']}" for p in bias_params}
-    tb = triton_bias_source(ir.bias, y="y", v="v", w="w", V="V", params=names, mask="vmask",
-                            reduce="_vsum({x}, {mask})")
-    args = "".join(f", p_{p['name']}" for p in bias_params)
-    douts = "".join(f", d_{p['name']}" for p in bias_params)
-    return (
-        f"{tb.helpers.rstrip()}\n\n\n{_VSUM}\n\n"
-        f"@triton.jit\ndef _bias_grad(y, v, vmask{args}):\n"
-        f'    """dL/dy of the bias on a [BT, BV] tile (padded columns are masked out of reductions)."""\n'
-        f"{_body(tb.grad)}\n    return g\n\n\n"
-        f"@triton.jit\ndef _bias_vjp(y, v, w, vmask{args}):\n"
-        f'    """The VJP of _bias_grad at the cotangent w: (dy, dv, d<param>...)."""\n'
-        f"{_body(tb.vjp)}\n    return dy, dv{douts}\n"
-    ).lstrip("\n")
-
-
 def _layers(depth: int) -> list[dict]:
     """Per weight matrix W_l (l = 1..depth): its dims as kernel constexpr names and its offset in a state."""
     dims = ["K"] + ["X"] * (depth - 1) + ["V"]
@@ -120,14 +101,8 @@ def triton_mlp_context(ir: LayerIR) -> dict | None:
     """Template variables for templates/triton_mlp.py.j2, or None when the layer is not covered."""
     if mlp_unsupported_reason(ir) is not None:
         return None
-    by_name = {p.name: p for p in ir.params}
-    bias_params = []
-    for name in ir.bias.params:
-        p = by_name[name]
-        kind = "learnable" if p.kind == "learnable" else ("channel" if p.shape == "channel" else "head")
-        bias_params.append({"name": name, "kind": kind})
+    bias_params = bias_params_of(ir)
     lr = ir.algorithm.lr
-    eta_channel = isinstance(lr, str) and by_name[lr].kind == "gate" and by_name[lr].shape == "channel"
     ret, alg = ir.retention, ir.algorithm
     momentum = alg.kind == "momentum"
     lq = _lq_map(ir)
@@ -138,8 +113,8 @@ def triton_mlp_context(ir: LayerIR) -> dict | None:
         "triton_alpha": operand_source(ir, ret.alpha, "alpha"),
         "triton_beta": operand_source(ir, alg.beta, "beta") if momentum else None,
         "triton_bias_args": [f"{p['name']}.float().contiguous()" for p in bias_params],
-        "triton_bias_src": _bias_functions(ir, bias_params),
-        "eta_channel": eta_channel,
+        "triton_bias_src": bias_functions(ir, bias_params),
+        "eta_channel": eta_is_channel(ir),
         "min_chunk": MIN_CHUNK,
         "max_chunk": MAX_CHUNK,
         "mlp_layers": _layers(ir.memory.depth),
