@@ -120,3 +120,35 @@ def test_block_compiles_without_graph_breaks(compiled_examples):
     assert_close(cy, y, "block output", rtol=1e-5, atol=1e-6)
     for n, p in block.named_parameters():
         assert_close(p.grad, grads[n], f"gradient of {n}", rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_decode_loop_inside_chunks_compiles_three_graphs(compiled_examples, backend):
+    """DecodeState.pos is a Python int: a compiled decode loop at chunk 4 traces a chunk's first token,
+    its inner tokens (pos symbolic) and its last, three graphs for any number of steps, and equals the
+    eager loop."""
+    module, ir = compiled_examples["retnet"]
+    torch._dynamo.reset()
+    B, H, K, T = 1, 2, 16, 11
+    q, k, v, params, gen = make_inputs(ir, B, T, H, K, K, seed=9)
+    params = {n: (x if x.dim() == 1 else x.float()) for n, x in params.items()}
+    state = module.decode_state(make_state(ir, B, H, K, K, gen=gen).float())
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def step(qt, kt, vt, pt, state):
+        return module.step(qt, kt, vt, **pt, state=state, chunk_size=4, backend=backend)
+
+    compiled = torch.compile(step, fullgraph=True, backend=counting)
+    eager_state, comp_state = state, state
+    for t in range(T):
+        token = [x[:, t].float().clone() for x in (q, k, v)]
+        pt = {n: (x if x.dim() == 1 else x[:, t].clone()) for n, x in params.items()}
+        o, eager_state = step(*token, pt, eager_state)
+        co, comp_state = compiled(*token, pt, comp_state)
+        assert_close(co, o, f"output of token {t}", rtol=1e-6, atol=1e-7)
+    assert_close(comp_state.state, eager_state.state, "final state", rtol=1e-6, atol=1e-7)
+    assert len(graphs) <= 3, f"{len(graphs)} graphs for {T} steps"
