@@ -20,9 +20,10 @@ it): the triton backend against the torch backend run in float32 on the same (bf
 shape): outputs, final state and the gradients of every input, relative error over all elements
 < 1e-2, and no NaN; per-token decays in [0.999, 1) (DECAY says why), and the cond column gives the
 torch backend's own float32 error (against float64, first sequence). The Moneta example is checked at B=1: the torch backend's lq path keeps every
-token's state (about 16 GB at B=1, too much at B=8). Where the bf16 tensor-core products miss the bar, the check runs
-again with tf32 products (the module's _MLP_DOT_PRECISION). A launch setting that does not compile
-(or runs out of shared memory / registers) is retried with the next of FALLBACK.
+token's state (about 16 GB at B=1, too much at B=8). The kernels multiply as the module's
+_MLP_DOT_PRECISION says (tf32 for bf16 inputs); set to bf16 products there and missing the bar, the
+check runs again with tf32 products. A launch setting that does not compile (or runs out of shared
+memory / registers) is retried with the next of FALLBACK.
 Part 2 (speed, one child at a time): median ms of triton.testing.do_bench, fwd and fwd+bwd, and the
 memory one fwd+bwd allocates, for every layer above (triton), the lp(p=3) MLP on the torch backend,
 and titans-pytorch. The Triton kernels compiled in part 1 come from Triton's on-disk cache.
