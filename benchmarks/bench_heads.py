@@ -29,7 +29,7 @@ import triton
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import import_spec, lp_decay_spec, rel
+from benchmarks.common import import_spec, lp_decay_spec, median_ms, rel
 
 B, T, WIDTH = (1, 40, 256) if SMOKE else (4, 2048, 1024)
 DIMS = (64, 256) if SMOKE else (64, 128, 256)
@@ -58,12 +58,6 @@ def run(module, leaves, chunk, backend, weights=None):
 
 
 
-def bench(fn) -> float:
-    if SMOKE:
-        fn()
-        return float("nan")
-    return triton.testing.do_bench(fn)
-
 
 def main() -> None:
     device = "cpu (TRITON_INTERPRET=1)" if SMOKE else torch.cuda.get_device_name(0)
@@ -84,7 +78,7 @@ def main() -> None:
                 rows.append(row)
                 print(row, flush=True)
                 continue
-            n = module._value_slices(D, D, chunk, True)
+            n = module._value_slices(D, D, chunk, torch.bfloat16)
             g = torch.Generator(device=DEV).manual_seed(1)
             weights = [torch.randn(B, T, H, D, device=DEV, generator=g), torch.randn(B, H, D, D, device=DEV, generator=g)]
             tri = [x.detach().clone().requires_grad_() for x in base]
@@ -97,8 +91,8 @@ def main() -> None:
             nograd = [x.detach() for x in base]
             times = []
             for backend in ("triton", "torch"):
-                times.append(bench(lambda m=module, x=nograd, c=chunk, b=backend: run(m, x, c, b)))
-                times.append(bench(lambda m=module, x=tri, c=chunk, b=backend, w=weights: run(m, x, c, b, w)))
+                times.append(median_ms(lambda m=module, x=nograd, c=chunk, b=backend: run(m, x, c, b), SMOKE))
+                times.append(median_ms(lambda m=module, x=tri, c=chunk, b=backend, w=weights: run(m, x, c, b, w), SMOKE))
             verdict = "" if worst < 1e-2 else " FAIL"
             row = (f"| {D} | {H} | {chunk} | {n} slice{'s' if n > 1 else ''} | {worst:.1e}{verdict} | "
                    + " | ".join(f"{t:.3f}" for t in times) + " |")

@@ -205,7 +205,7 @@ def test_triton_wide_heads_match_reference(i, tmp_path):
     module = _check_variant(200 + i, WIDE_VARIANTS[i], tmp_path, heads=1 + i % 2)  # H = 1: zero strides
     chunk, _, K, V, dtype = WIDE_VARIANTS[i][5:10]
     expected = {(256, 256): 4, (32, 160): 2, (64, 256): 2, (200, 48): 1, (128, 128): 2, (64, 128): 2}[K, V]
-    assert module._value_slices(K, V, chunk, dtype != torch.float32) == expected
+    assert module._value_slices(K, V, chunk, dtype) == expected
 
 
 def test_triton_wide_heads_refused_for_coupled_columns(tmp_path):
