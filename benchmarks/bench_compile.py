@@ -35,7 +35,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import import_spec, lp_decay_spec, rel
+from benchmarks.common import import_spec, lp_decay_spec, median_ms, rel
 
 B, T, D_MODEL, H, K = (1, 24, 32, 2, 16) if SMOKE else (8, 2048, 1024, 16, 64)
 DEV = "cpu" if SMOKE else "cuda"
@@ -60,13 +60,6 @@ def layers(out: Path) -> list:
 
 
 
-def bench(fn) -> float:
-    if SMOKE:
-        fn()
-        return float("nan")
-    import triton
-    return triton.testing.do_bench(fn)
-
 
 def block_fwd_bwd(block, x):
     def run():
@@ -85,7 +78,7 @@ def block_check(module, ir, mode) -> tuple[float, float, float, float]:
     x = torch.randn(B, T, D_MODEL, device=DEV)
     y = block_fwd_bwd(block, x)()
     grads = {n: p.grad.clone() for n, p in block.named_parameters()}
-    eager_ms = bench(block_fwd_bwd(block, x))
+    eager_ms = median_ms(block_fwd_bwd(block, x), SMOKE)
     block.zero_grad()
     torch._dynamo.reset()
     compiled = torch.compile(block, fullgraph=True, backend=COMPILE_BACKEND,
@@ -95,7 +88,7 @@ def block_check(module, ir, mode) -> tuple[float, float, float, float]:
         block.zero_grad()
         cy = run()
     g_err = max(rel(p.grad, grads[n]) for n, p in block.named_parameters())
-    return rel(cy, y), g_err, eager_ms, bench(run)
+    return rel(cy, y), g_err, eager_ms, median_ms(run, SMOKE)
 
 
 def graph_check(module, ir) -> tuple[float, float, float]:
@@ -132,7 +125,7 @@ def graph_check(module, ir) -> tuple[float, float, float]:
     graph.replay()
     torch.cuda.synchronize()
     ref = module.memory(q2, k2, v2, **params2, backend="triton")[0]
-    return rel(out, ref), bench(call), bench(graph.replay)
+    return rel(out, ref), median_ms(call, SMOKE), median_ms(graph.replay, SMOKE)
 
 
 def main() -> int:

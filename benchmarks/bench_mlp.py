@@ -297,8 +297,8 @@ def child_agree(name: str, cfgs) -> int:
     (ok, cells), fell_back = with_fallback(name, module, lambda: agreement(module, ir, Bn), cfgs is None)
     note = fell_back or note
     say(f"@@AGREE | {label}{', ' + note if note else ''} | " + " | ".join(cells) + " |")
-    tf32 = getattr(module, "_MLP_DOT_PRECISION", {}).get(torch.bfloat16) == 3
-    if not ok and hasattr(module, "_MLP_DOT_PRECISION") and not tf32 and not SMOKE:
+    precision = getattr(module, "_MLP_DOT_PRECISION", None)  # None: a matrix-memory layer
+    if not ok and precision is not None and precision.get(torch.bfloat16) != 3 and not SMOKE:
         module._MLP_DOT_PRECISION[torch.bfloat16] = 3  # tf32 products
         try:
             ok, cells = agreement(module, ir, Bn)

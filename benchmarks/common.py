@@ -1,5 +1,5 @@
-"""What the benchmark scripts share: compiling a spec into an importable module, the lp layer, and the
-relative error every agreement check reports."""
+"""What the benchmark scripts share: compiling a spec into an importable module, the lp layer, the
+relative error every agreement check reports, and the timer."""
 from __future__ import annotations
 
 import importlib.util
@@ -39,3 +39,12 @@ def rel(a, b) -> float:
     """||a - b|| / ||b|| over all elements, in float64."""
     a, b = a.detach().double(), b.detach().double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def median_ms(fn, dry_run: bool = False) -> float:
+    """Median ms of triton.testing.do_bench; a dry run (the scripts' --smoke) calls fn once: nan."""
+    if dry_run:
+        fn()
+        return float("nan")
+    import triton
+    return triton.testing.do_bench(fn)
