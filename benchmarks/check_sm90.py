@@ -164,7 +164,11 @@ def compile_job(i: int) -> dict:
             compiled = triton.compile(job["src"], target=TARGET, options=job["options"])
     except Exception as e:  # noqa: BLE001 - any compile error is a result
         first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        return {"error": f"{type(e).__name__}: {first}"[:160], "s": time.time() - t0}
+        root = e  # a nested @triton.jit function's error is the innermost cause; its last line says what
+        while root.__cause__ is not None:
+            root = root.__cause__
+        why = "" if root is e else " / " + next((ln for ln in str(root).splitlines()[::-1] if ln.strip()), "")
+        return {"error": f"{type(e).__name__}: {first}{why}"[:240], "s": time.time() - t0}
     text = log.getvalue()
     regs = re.search(r"Used (\d+) registers", text)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)

@@ -147,15 +147,23 @@ GATE_VARIANTS = [
                                         "gate eta : head = softplus(rank=4, init=0.1)"],
      "decay(a)", "eta", None, 64, "retained", 16, 16, torch.bfloat16, 40, False),
     ("dot", ["gate a : channel = sigmoid(rank=4, init=0.9)"], "decay(a)", "0.5", None, 8, "previous", 16, 16,
-     torch.float32, 19, True),  # y-independent: tiles of 16 whatever the chunk
+     torch.float32, 19, True),  # y-independent: tiles of 64 whatever the chunk
     ("l2", ["gate a : channel = sigmoid(rank=4, init=0.9)", "gate eta : head = sigmoid(rank=4, init=0.5)"],
      "decay(a)", "eta", None, 2, "previous", 16, 16, torch.bfloat16, 23, True),
     ("lp(p=3)", ["gate a : channel = sigmoid(rank=4, init=0.9)", "gate eta : head = softplus(rank=4, init=0.1)"],
      "decay(a)", "eta", None, 32, "retained", 16, 16, torch.float32, 40, False),
+    # the WY form (an affine bias, chunks under 16) over several 64-token tiles, the last one partial
+    ("l2", ["gate a : head = sigmoid(rank=4, init=0.9)", "gate eta : head = sigmoid(rank=4, init=0.5)"],
+     "decay(a)", "eta", None, 1, "retained", 16, 24, torch.float32, 150, True),  # Gated DeltaNet
+    ("l2", ["gate eta : head = sigmoid(rank=4, init=0.5)"],
+     "none", "eta", None, 4, "previous", 32, 16, torch.bfloat16, 140, True),
     # momentum
     ("l2", ["gate a : head = sigmoid(rank=4, init=0.9)", "gate eta : head = softplus(rank=4, init=0.1)",
             "gate b : head = sigmoid(rank=4, init=0.8)"],
      "decay(a)", "eta", "b", 1, "previous", 16, 16, torch.float32, 23, True),  # Titans' rule, linear memory
+    ("l2", ["gate a : head = sigmoid(rank=4, init=0.9)", "gate eta : head = softplus(rank=4, init=0.1)",
+            "gate b : head = sigmoid(rank=4, init=0.8)"],
+     "decay(a)", "eta", "b", 2, "retained", 16, 16, torch.float32, 131, True),
     ("l2", ["gate a : head = sigmoid(rank=4, init=0.9)", "gate eta : head = softplus(rank=4, init=0.1)",
             "gate b : head = sigmoid(rank=4, init=0.8)"],
      "decay(a)", "eta", "b", 4, "retained", 16, 24, torch.float32, 25, True),

@@ -22,32 +22,55 @@ def _pack(ir, lengths, seed):
     return q, k, v, params, cu
 
 
-@pytest.mark.parametrize("name,backend", [("cauchy", "torch"), ("cauchy", "triton"), ("titans", "torch"),
-                                          ("deltanet", "reference")])
-def test_packed_equals_separate_calls(compiled_examples, name, backend):
+@pytest.mark.parametrize("name,backend,lengths", [
+    ("cauchy", "torch", [21, 5, 40]), ("titans", "torch", [21, 5, 40]), ("deltanet", "reference", [21, 5, 40]),
+    # the triton kernels run the sequences side by side in one launch; tiles of 16 or 64 tokens
+    ("cauchy", "triton", [21, 5, 40]), ("gated_deltanet", "triton", [70, 5, 63]),
+    ("quantile", "triton", [17, 33]), ("log_cosh", "triton", [9, 40, 16]), ("retnet", "triton", [65, 1, 64]),
+])
+def test_packed_equals_separate_calls(compiled_examples, name, backend, lengths):
+    """Outputs, final states and the gradients of every input (gates, learnable parameters and the
+    initial states included) of one packed call equal those of one call per sequence."""
     module, ir = compiled_examples[name]
-    lengths = [21, 5, 40]
     chunk = 16 if backend == "triton" else 4
     q, k, v, params, cu = _pack(ir, lengths, seed=11)
     gen = torch.Generator().manual_seed(3)
     state0 = make_state(ir, len(lengths), H, K, V, dtype=torch.float32, gen=gen)
-    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    o, final = module.memory(*leaves, **params, initial_state=state0, output_final_state=True,
-                             chunk_size=chunk, backend=backend, cu_seqlens=cu)
-    o.square().sum().backward()
-    bounds = cu.tolist()
-    for n, (a, b) in enumerate(pairwise(bounds)):
-        s_n = [x[n:n + 1] for x in flatten_state(state0)]
-        s_n = s_n[0] if torch.is_tensor(state0) else tuple(s_n)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, *params.values(), *flatten_state(state0))]
+    np_ = len(params)
+    packed_params = dict(zip(params, leaves[3:3 + np_]))
+    s0 = leaves[3 + np_:]
+    o, final = module.memory(*leaves[:3], **packed_params, initial_state=s0[0] if torch.is_tensor(state0) else
+                             tuple(s0), output_final_state=True, chunk_size=chunk, backend=backend, cu_seqlens=cu)
+    w_o = torch.randn(o.shape, generator=gen)
+    w_s = [torch.randn(x.shape, generator=gen) for x in flatten_state(final)]
+    loss = (o * w_o).sum() + sum((x * w).sum() for x, w in zip(flatten_state(final), w_s))
+    loss.backward()
+    learnable_grads = {p: torch.zeros_like(x) for p, x in params.items() if x.dim() == 1}
+    for n, (a, b) in enumerate(pairwise(cu.tolist())):
         sub = [x[:, a:b].detach().clone().requires_grad_() for x in (q, k, v)]
-        o_n, f_n = module.memory(*sub, **{p: (x if x.dim() == 1 else x[:, a:b]) for p, x in params.items()},
-                                 initial_state=s_n, output_final_state=True, chunk_size=chunk, backend=backend)
-        o_n.square().sum().backward()
+        sub_params = {p: (x.detach().clone() if x.dim() == 1 else x[:, a:b].detach().clone()).requires_grad_()
+                      for p, x in params.items()}
+        s_n = [x[n:n + 1].detach().clone().requires_grad_() for x in flatten_state(state0)]
+        o_n, f_n = module.memory(*sub, **sub_params, initial_state=s_n[0] if torch.is_tensor(state0) else
+                                 tuple(s_n), output_final_state=True, chunk_size=chunk, backend=backend)
+        loss_n = (o_n * w_o[:, a:b]).sum() + sum((x * w[n:n + 1]).sum() for x, w in zip(flatten_state(f_n), w_s))
+        loss_n.backward()
         assert_close(o[:, a:b], o_n, f"o of sequence {n}", rtol=1e-5, atol=1e-6)
         for i, (x, y) in enumerate(zip(flatten_state(final), flatten_state(f_n))):
             assert_close(x[n:n + 1], y, f"final state[{i}] of sequence {n}", rtol=1e-5, atol=1e-6)
         for what, full, part in zip("qkv", leaves, sub):
-            assert_close(full.grad[:, a:b], part.grad, f"d{what} of sequence {n}", rtol=1e-5, atol=1e-6)
+            assert_close(full.grad[:, a:b], part.grad, f"d{what} of sequence {n}", rtol=1e-5, atol=1e-5)
+        for p, x in sub_params.items():
+            if x.dim() == 1:
+                learnable_grads[p] += x.grad
+            else:
+                assert_close(packed_params[p].grad[:, a:b], x.grad, f"d{p} of sequence {n}", rtol=1e-5, atol=1e-5)
+        for i, (full, part) in enumerate(zip(s0, s_n)):
+            assert_close(full.grad[n:n + 1], part.grad, f"d initial_state[{i}] of sequence {n}", rtol=1e-5,
+                         atol=1e-6)
+    for p, g in learnable_grads.items():
+        assert_close(packed_params[p].grad, g, f"d{p} (summed over the sequences)", rtol=1e-5, atol=1e-5)
 
 
 def test_packed_input_errors(compiled_examples):
@@ -58,6 +81,6 @@ def test_packed_input_errors(compiled_examples):
     with pytest.raises(ValueError, match="int32/int64"):
         module.memory(q, k, v, **params, cu_seqlens=cu.float())
     with pytest.raises(ValueError, match="one batch row"):
-        module.memory(q.expand(2, -1, -1, -1), k, v, **params, cu_seqlens=cu)
+        module.memory(*(x.expand(2, -1, -1, -1) for x in (q, k, v)), **params, cu_seqlens=cu)
     with pytest.raises(ValueError, match="N = 2"):
         module.memory(q, k, v, **params, cu_seqlens=cu, initial_state=torch.zeros(3, H, K, V))

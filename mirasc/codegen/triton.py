@@ -115,6 +115,10 @@ def triton_context(ir: LayerIR) -> dict | None:
         "needs_y": ir.bias.klass != "independent",
         "eta_channel": eta_is_channel(ir),
         "alpha_channel": shape_of(ir, ir.retention.alpha) == "channel",
+        # chunks under 16 tokens of an affine bias (the delta rule) solve one triangular system per tile
+        # (the WY form); a per-channel lr or decay gives every value column its own system
+        "wy": (ir.bias.klass == "affine" and not eta_is_channel(ir)
+               and shape_of(ir, ir.retention.alpha) != "channel"),
         "triton_beta": operand_source(ir, ir.algorithm.beta, "beta") if ir.algorithm.kind == "momentum" else None,
         # the fused decode step (templates/triton_step.py.j2) covers gd only
         "triton_step": ir.algorithm.kind == "gd",
