@@ -130,6 +130,10 @@ def collect(only: str | None, dims: list[int], dtypes: list[str], chunk_list: li
                 if dname not in dtypes:
                     continue
                 for chunk in chunks:
+                    if not mlp and module._value_slices(K, K, chunk, dtype) is None:
+                        print(f"# {path.stem} K={K} {dname} chunk={chunk}: refused by _fits (auto runs torch)",
+                              file=sys.stderr)
+                        continue
                     step_pos = 0
                     for kernel, args, kwargs in record(module, ir, K, dtype, chunk):
                         kname = kernel.__name__

@@ -198,6 +198,11 @@ WIDE_VARIANTS = [
      "decay(a)", "eta", None, 64, "previous", 128, 128, torch.bfloat16, 70, True),  # 64-token tiles: 2 slices
     ("l2", ["gate eta : head = softplus(rank=4, init=0.1)"], "decay(0.95)", "eta", None, 64, "previous", 64, 128,
      torch.float32, 67, True),  # fp32 in 64-token tiles: 64 x 64 per program, 2 slices
+    # the WY form in 16-token tiles, where 64-token tiles would not fit the keys
+    ("l2", ["gate a : head = sigmoid(rank=4, init=0.9)", "gate eta : head = sigmoid(rank=4, init=0.5)"],
+     "decay(a)", "eta", None, 1, "retained", 128, 32, torch.float32, 40, True),  # fp32, K = 128
+    ("l2", ["gate eta : head = sigmoid(rank=4, init=0.5)"], "none", "eta", None, 2, "previous", 256, 64,
+     torch.bfloat16, 37, True),  # K = 256
 ]
 
 
@@ -212,7 +217,8 @@ def test_triton_wide_heads_match_reference(i, tmp_path):
     """Head dims above 128: the column slices agree with the reference in every output and gradient."""
     module = _check_variant(200 + i, WIDE_VARIANTS[i], tmp_path, heads=1 + i % 2)  # H = 1: zero strides
     chunk, _, K, V, dtype = WIDE_VARIANTS[i][5:10]
-    expected = {(256, 256): 4, (32, 160): 2, (64, 256): 2, (200, 48): 1, (128, 128): 2, (64, 128): 2}[K, V]
+    expected = {(256, 256): 4, (32, 160): 2, (64, 256): 2, (200, 48): 1, (128, 128): 2, (64, 128): 2, (128, 32): 1,
+                (256, 64): 1}[K, V]
     assert module._value_slices(K, V, chunk, dtype) == expected
 
 
