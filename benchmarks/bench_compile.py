@@ -9,8 +9,9 @@ K=V=64 in bf16 autocast:
   - the whole block under torch.compile(fullgraph=True) (Inductor): forward and backward must equal the
     eager block (relative error of the output and of every parameter gradient < 1e-2, or under twice
     the eager block's own bf16 error where that is larger: the "bf16 vs fp32" column, eager under
-    autocast against eager in float32, says how far bf16 rounding alone moves this layer, and a compiled
-    block rounds differently; fullgraph=True turns any graph break into an error, reported in the table);
+    autocast against eager in float32 on the torch backend, says how far bf16 rounding alone moves
+    this layer, and a compiled block rounds differently; fullgraph=True turns any graph break into an
+    error, reported in the table);
   - memory() forward captured in a CUDA graph (torch.cuda.graph) and replayed on new inputs copied into
     the static buffers: the replay must equal an eager call;
   - the block compiled with mode="reduce-overhead" (Inductor's CUDA graphs), fwd+bwd agreement again;
@@ -79,9 +80,11 @@ def block_check(module, ir, mode) -> tuple[float, float, float, float, float]:
     cls = getattr(module, ir.name)
     block = cls(D_MODEL, heads=H, key_dim=K, value_dim=K, backend="triton").to(DEV)
     x = torch.randn(B, T, D_MODEL, device=DEV)
+    block.backend = "torch"  # the float32 reference: the torch backend, no fp32 kernels to compile
     y32 = block_fwd_bwd(block, x, autocast=False)()
     grads32 = {n: p.grad.clone() for n, p in block.named_parameters()}
     block.zero_grad()
+    block.backend = "triton"
     y = block_fwd_bwd(block, x)()
     grads = {n: p.grad.clone() for n, p in block.named_parameters()}
     cond = max(rel(y, y32), *(rel(grads[n], grads32[n]) for n in grads))
