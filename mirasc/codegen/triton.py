@@ -104,6 +104,8 @@ def triton_context(ir: LayerIR) -> dict | None:
         return None
     bias_params = bias_params_of(ir)
     lr = ir.algorithm.lr
+    eta_channel = eta_is_channel(ir)
+    alpha_channel = shape_of(ir, ir.retention.alpha) == "channel"
     return {
         "bias_params": bias_params,
         "triton_eta": operand_source(ir, lr, "eta"),
@@ -113,12 +115,11 @@ def triton_context(ir: LayerIR) -> dict | None:
         "triton_bias_src": bias_functions(ir, bias_params),
         "column_separable": column_separable(ir.bias),
         "needs_y": ir.bias.klass != "independent",
-        "eta_channel": eta_is_channel(ir),
-        "alpha_channel": shape_of(ir, ir.retention.alpha) == "channel",
+        "eta_channel": eta_channel,
+        "alpha_channel": alpha_channel,
         # chunks under 16 tokens of an affine bias (the delta rule) solve one triangular system per tile
         # (the WY form); a per-channel lr or decay gives every value column its own system
-        "wy": (ir.bias.klass == "affine" and not eta_is_channel(ir)
-               and shape_of(ir, ir.retention.alpha) != "channel"),
+        "wy": ir.bias.klass == "affine" and not eta_channel and not alpha_channel,
         "triton_beta": operand_source(ir, ir.algorithm.beta, "beta") if ir.algorithm.kind == "momentum" else None,
         # the fused decode step (templates/triton_step.py.j2) covers gd only
         "triton_step": ir.algorithm.kind == "gd",
