@@ -41,7 +41,7 @@ import triton
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import rel
+from benchmarks.common import bf16_nudged, rel
 from mirasc.compiler import compile_spec
 
 B, T, H, D = (1, 40, 2, 16) if SMOKE else (8, 2048, 16, 64)
@@ -155,12 +155,8 @@ def agreement(name, module, ir, rows):
     finite = all(torch.isfinite(x).all().item() for x in (o, *s, *(x.grad for x in leaves)))
     worst = max(errs.values())
     ok = finite and worst < 1e-2
-    # How far the layer itself moves when q, k, v move by bf16 rounding (relative noise uniform in
-    # +-2^-9, half a bf16 ulp), in the torch backend in float32: a bf16 kernel cannot agree better.
-    g = torch.Generator(device=DEV).manual_seed(5)
-    noisy = [x.detach().float() * (1 + 2 ** -9 * (2 * torch.rand(x.shape, device=DEV, generator=g) - 1)) if i < 3
-             else x.detach().float() for i, x in enumerate((q, k, v, *params.values(), *s0))]
-    noisy = [x.clone().requires_grad_() for x in noisy]
+    # how far the torch backend's own gradients move under bf16 rounding of q, k, v (bf16_nudged)
+    noisy = bf16_nudged([q, k, v, *params.values(), *s0], torch.Generator(device=DEV).manual_seed(5))
     o_n, s_n = module.memory(*noisy[:3], **dict(zip(params, noisy[3:-ns])), initial_state=state(noisy[-ns:]),
                              output_final_state=True, backend="torch")
     ((o_n * w_o).sum() + sum((x * w).sum() for x, w in zip(flat(s_n), w_s))).backward()

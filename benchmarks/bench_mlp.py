@@ -65,7 +65,7 @@ import triton
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import import_spec, rel
+from benchmarks.common import bf16_nudged, import_spec, rel
 
 B, T, H, D, CHUNK = (1, 40, 2, 16, 16) if SMOKE else (8, 2048, 16, 64, 64)
 DEV = "cpu" if SMOKE else "cuda"
@@ -226,12 +226,9 @@ def agreement(module, ir, Bn) -> tuple[bool, list[str]]:
     ok = finite and max([*errs.values(), *grads.values()]) < 1e-2
     worst = max(grads, key=grads.get)
     cond = conditioning(module, ir, base, names, n_state)
-    # How far the torch backend's own float32 gradients move when q, k, v move by bf16 rounding
-    # (relative noise uniform in +-2^-9): a kernel with bf16 inputs cannot agree better than this.
+    # how far the torch backend's own gradients move under bf16 rounding of q, k, v (bf16_nudged)
     STAGE[0] = "bf16 sensitivity (torch fp32, noisy q, k, v)"
-    noisy = [x.detach().float() * (1 + 2 ** -9 * (2 * torch.rand(x.shape, device=DEV, generator=g) - 1)) if i < 3
-             else x.detach().float() for i, x in enumerate(base)]
-    noisy = [x.clone().requires_grad_() for x in noisy]
+    noisy = bf16_nudged(base, g)
     run_memory(module, noisy, names, n_state, "torch", weights)
     sens = max(rel(a.grad, b.grad) for a, b in zip(noisy, ref_leaves))
     verdict = ("PASS" if ok else "FAIL (ill-conditioned: see cond)" if float(cond) >= 1e-3

@@ -41,6 +41,20 @@ def rel(a, b) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def bf16_nudged(leaves: list, generator) -> list:
+    """Float32 leaves (requiring grad) with q, k, v (the first three) moved by bf16 rounding: relative
+    noise uniform in +-2^-9, half a bf16 ulp. How far a layer's gradients move under it is how well any
+    kernel with bf16 inputs can agree with a float32 reference."""
+    import torch
+    out = []
+    for i, x in enumerate(leaves):
+        x = x.detach().float()
+        if i < 3:
+            x = x * (1 + 2 ** -9 * (2 * torch.rand(x.shape, device=x.device, generator=generator) - 1))
+        out.append(x.clone().requires_grad_())
+    return out
+
+
 def median_ms(fn, dry_run: bool = False) -> float:
     """Median ms of triton.testing.do_bench; a dry run (the scripts' --smoke) calls fn once: nan."""
     if dry_run:
