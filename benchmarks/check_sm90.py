@@ -14,13 +14,15 @@ Prints a markdown table: compile result (or the error's first line), seconds, sh
 over the H100's 232448 bytes per block), registers and spill bytes (ptxas -v). Exits 1 if a kernel
 fails to compile (or takes over --timeout seconds) or needs too much shared memory. --only NAME keeps
 one example (its stem) or one kernel (e.g. _step_kernel); --jobs N compiles N kernels at a time;
---dims, --dtypes and --chunks pick other configurations.
+--dims, --dtypes and --chunks pick other configurations; --mlp-fwd / --mlp-bwd other launch settings of the
+MLP kernels.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import io
+import json
 import multiprocessing
 import os
 import queue
@@ -106,8 +108,10 @@ def record(module, ir, K: int, dtype: torch.dtype, chunk: int) -> list:
     return calls
 
 
-def collect(only: str | None, dims: list[int], dtypes: list[str], chunk_list: list[int] | None) -> None:
-    """Fill JOBS with one entry per distinct (layer, kernel compilation)."""
+def collect(only: str | None, dims: list[int], dtypes: list[str], chunk_list: list[int] | None,
+            mlp_configs: dict | None = None) -> None:
+    """Fill JOBS with one entry per distinct (layer, kernel compilation); mlp_configs replaces the MLP
+    modules' launch settings (_MLP_FWD_CONFIG / _MLP_BWD_CONFIG)."""
     out = Path(tempfile.mkdtemp(prefix="check_sm90_src_"))
     for path in sorted((ROOT / "examples").glob("*.miras")):
         if only and only not in (path.stem, *KERNELS):
@@ -121,6 +125,9 @@ def collect(only: str | None, dims: list[int], dtypes: list[str], chunk_list: li
             setattr(module, f"_orig{n}", getattr(module, n))
         # the launch checks refuse CPU tensors; nothing here runs a kernel
         module._triton_usable = module._triton_step_usable = lambda *a: None
+        for attr, cfg in (mlp_configs or {}).items():
+            if hasattr(module, attr):
+                setattr(module, attr, {**getattr(module, attr), **cfg})
         mlp = ir.memory.kind == "mlp"
         spec_chunk = module.CHUNK_SIZE
         chunks = chunk_list or ([spec_chunk] if mlp else sorted({spec_chunk, 64, 1}, reverse=True))
@@ -233,10 +240,15 @@ def main() -> int:
     parser.add_argument("--dims", default="64,128",
                         help="head dims K = V to record (MLP memories: those up to 128); above 128 a matrix "
                              "memory's kernels see column slices")
+    parser.add_argument("--mlp-fwd", help="JSON: keys of the MLP forward's launch setting to replace, e.g. "
+                                          "'{\"num_warps\": 4}'")
+    parser.add_argument("--mlp-bwd", help="JSON: the same for the MLP backward")
     args = parser.parse_args()
     t0 = time.time()
+    mlp_configs = {attr: json.loads(text) for attr, text in
+                   (("_MLP_FWD_CONFIG", args.mlp_fwd), ("_MLP_BWD_CONFIG", args.mlp_bwd)) if text}
     collect(args.only, [int(d) for d in args.dims.split(",")], args.dtypes.split(","),
-            [int(c) for c in args.chunks.split(",")] if args.chunks else None)
+            [int(c) for c in args.chunks.split(",")] if args.chunks else None, mlp_configs)
     print(f"# {len(JOBS)} compilations recorded in {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
     results = compile_all(max(1, args.jobs), args.timeout)
 

@@ -164,6 +164,23 @@ def test_triton_mlp_matches_reference(name, tmp_path):
              seed=SEED + list(VARIANTS).index(name), scale={"c": 10.0})
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="a head's programs wait for each other, which needs a GPU: Triton's "
+                    "interpreter runs one program at a time (there every head is one program)")
+@pytest.mark.parametrize("name", ["titans_gd", "moneta_decay", "tanh_cauchy", "relu_channel", "silu_bf16",
+                                  "chunk2_momentum", "momentum_retained_bf16"])
+def test_triton_mlp_sliced_heads_match_reference(name, tmp_path):
+    """Each head split over several programs by hidden columns (16 per program here), which sum their
+    parts of the last layer's products through _head_sum: the same checks as above."""
+    variant = VARIANTS[name]
+    module, compiled = _compile(name, variant, tmp_path)
+    for attr in ("_MLP_FWD_CONFIG", "_MLP_BWD_CONFIG"):
+        setattr(module, attr, {**getattr(module, attr), "XS": 16})
+    K, V = variant["K"], variant["V"]
+    assert module._mlp_launch(K, V, _chunk(compiled), module._MLP_FWD_CONFIG)["NS"] > 1
+    _compare(module, compiled.ir, variant["dtype"], _chunk(compiled), variant["B"], 2, K, V, variant["T"],
+             seed=SEED + 100 + list(VARIANTS).index(name), scale={"c": 10.0})
+
+
 @pytest.mark.parametrize("delta_scale", [20.0, 1.0])
 def test_yaad_example_on_the_kernels(compiled_examples, delta_scale):
     """examples/yaad.miras as shipped (small head dims: memory() takes them from the inputs).

@@ -78,6 +78,13 @@ def _slots(depth: int) -> tuple[list[str], list[str]]:
     return fwd, bwd
 
 
+def _hidden_slots(depth: int) -> list[str]:
+    """The slots whose columns are hidden units (X wide): a program sliced by hidden columns keeps only its
+    slice of them. The others are K or V wide (the first layer's input, the last layer's output)."""
+    _, bwd = _slots(depth)
+    return [s for s in bwd if s[-1].isdigit() and 1 <= int(s[-1]) < depth and not s.startswith("da0")]
+
+
 def _num(x: float) -> str:
     return repr(float(x))
 
@@ -123,6 +130,10 @@ def triton_mlp_context(ir: LayerIR) -> dict | None:
         "mlp_lq": lq,
         "fwd_slots": fwd_slots,
         "bwd_slots": bwd_slots,
+        "hidden_slots": _hidden_slots(ir.memory.depth),
+        # a head's programs split the hidden columns (see _head_sum): one hidden layer, whose units only
+        # meet in the last layer's sums; an lq map needs the norm of whole weight matrices
+        "mlp_sliceable": ir.memory.depth == 2 and not lq,
     }
     if lq:
         power, grad = _lq_sources(ret.q)
