@@ -73,27 +73,31 @@ def test_memory_compiles_without_graph_breaks(compiled_examples, name, chunk):
         assert_close(a, b, f"{name}: gradient of input {i}", rtol=1e-5, atol=1e-6)
 
 
-def test_packed_memory_compiles_without_graph_breaks(compiled_examples):
-    """memory() over packed sequences (cu_seqlens) compiles into one graph: the kernels take the offsets
-    as a tensor, and nothing reads their values on the host."""
-    module, ir = compiled_examples["gated_deltanet"]
+@pytest.mark.parametrize("name,chunk", [("gated_deltanet", 1), ("titans", 8)])
+def test_packed_memory_compiles_without_graph_breaks(compiled_examples, name, chunk):
+    """memory() over packed sequences (cu_seqlens) compiles into one graph: the kernels (matrix and MLP
+    memories) take the offsets as a tensor, and nothing reads their values on the host."""
+    module, ir = compiled_examples[name]
     torch._dynamo.reset()
     q, k, v, params, gen = make_inputs(ir, 1, 30, 2, 16, 16, seed=5)
-    state = make_state(ir, 2, 2, 16, 16, gen=gen, scale=0.5)
-    leaves = [x.float().to(DEVICE) for x in (q, k, v, *params.values(), state)]
+    state = flatten_state(make_state(ir, 2, 2, 16, 16, gen=gen, scale=0.5))
+    n_state = len(state)
+    leaves = [x.float().to(DEVICE) for x in (q, k, v, *params.values(), *state)]
     cu = torch.tensor([0, 11, 30], device=DEVICE)
 
     def fn(*xs):
-        o, final = module.memory(*xs[:3], **dict(zip(params, xs[3:-1])), initial_state=xs[-1],
-                                 output_final_state=True, chunk_size=1, backend="triton", cu_seqlens=cu)
-        return o, final
+        s0 = xs[-n_state:] if ir.memory.kind == "mlp" else xs[-1]
+        o, final = module.memory(*xs[:3], **dict(zip(params, xs[3:-n_state])), initial_state=s0,
+                                 output_final_state=True, chunk_size=chunk, backend="triton", cu_seqlens=cu)
+        return (o, *final) if isinstance(final, tuple) else (o, final)
 
     outs, grads, weights = _forward_backward(fn, leaves)
     c_outs, c_grads, _ = _forward_backward(torch.compile(fn, fullgraph=True, backend=BACKEND), leaves, weights)
     for i, (a, b) in enumerate(zip(c_outs, outs)):
-        assert_close(a, b, f"output {i}", rtol=1e-5, atol=1e-6)
+        assert_close(a, b, f"{name}: output {i}", rtol=1e-5, atol=1e-6)
     for i, (a, b) in enumerate(zip(c_grads, grads)):
-        assert_close(a, b, f"gradient of input {i}", rtol=1e-5, atol=1e-6)
+        assert b is not None, f"{name}: input {i} got no gradient"
+        assert_close(a, b, f"{name}: gradient of input {i}", rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])

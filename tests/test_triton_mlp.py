@@ -181,6 +181,31 @@ def test_triton_mlp_sliced_heads_match_reference(name, tmp_path):
              seed=SEED + 100 + list(VARIANTS).index(name), scale={"c": 10.0})
 
 
+@pytest.mark.parametrize("name, cu", [
+    ("tanh_cauchy", [0, 5, 37, 38, 45]),  # chunk 32: a sequence under a chunk, one over, one of a token
+    ("moneta_decay", [0, 16, 19, 40]),  # chunk 16: a sequence of exactly one chunk, LN and residual
+])
+def test_packed_sequences_in_one_launch(name, cu, tmp_path):
+    """cu_seqlens on the kernels (one launch for all sequences) against the reference, sequence by
+    sequence: the learnable parameters' gradients sum over the sequences, each has its own state."""
+    variant = VARIANTS[name]
+    module, compiled = _compile(name, variant, tmp_path)
+    _compare(module, compiled.ir, variant["dtype"], _chunk(compiled), 1, 2, variant["K"], variant["V"], cu[-1],
+             seed=SEED + 200 + len(cu), scale={"c": 10.0}, cu_seqlens=torch.tensor(cu))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="split heads need a GPU (see above)")
+def test_sliced_heads_on_packed_sequences(tmp_path):
+    """Split heads (16 hidden columns per program) over packed sequences of uneven lengths."""
+    variant = VARIANTS["moneta_decay"]
+    module, compiled = _compile("moneta_decay", variant, tmp_path)
+    for attr in ("_MLP_FWD_CONFIG", "_MLP_BWD_CONFIG"):
+        setattr(module, attr, {**getattr(module, attr), "XS": 16})
+    cu = [0, 3, 35, 40, 77]
+    _compare(module, compiled.ir, variant["dtype"], _chunk(compiled), 1, 2, variant["K"], variant["V"], cu[-1],
+             seed=SEED + 300, cu_seqlens=torch.tensor(cu))
+
+
 @pytest.mark.parametrize("delta_scale", [20.0, 1.0])
 def test_yaad_example_on_the_kernels(compiled_examples, delta_scale):
     """examples/yaad.miras as shipped (small head dims: memory() takes them from the inputs).
