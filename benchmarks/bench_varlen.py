@@ -3,8 +3,9 @@
     python benchmarks/bench_varlen.py            # writes $OUT/varlen.md when $OUT is set
     python benchmarks/bench_varlen.py --smoke    # tiny shapes in Triton's CPU interpreter
 
-Layers: Gated DeltaNet (examples/gated_deltanet.miras, chunk 1: the WY form) and the lp(p=3) + decay
-layer (chunk 64), H=16, K=V=64, bf16. N sequences of random lengths (fixed seed) packed into 16K tokens.
+Layers: Gated DeltaNet (examples/gated_deltanet.miras, chunk 1: the WY form), the lp(p=3) + decay
+layer (chunk 64) and the same layer with bench_mlp.py's 2-layer x4 MLP memory (decays in [0.999, 1), as
+there), H=16, K=V=64, bf16. N sequences of random lengths (fixed seed) packed into 16K tokens.
 Agreement: the packed call's outputs, final states and the gradients of q, k, v, the gates and the
 initial states against one triton call per sequence (relative error < 1e-2; the two differ only in
 which program runs a sequence, so they should agree to rounding). Speed: median ms of
@@ -35,6 +36,7 @@ from benchmarks.common import import_spec, lp_decay_spec, median_ms, rel
 H, D = (2, 16) if SMOKE else (16, 64)
 TOTAL, COUNTS = (80, (3,)) if SMOKE else (16384, (4, 16, 64))
 DEV = "cpu" if SMOKE else "cuda"
+MLP = "mlp(depth=2, expansion=4, act=gelu, residual=true, norm=true) init learned"  # as in bench_mlp.py
 
 
 def lengths(n: int, seed: int) -> list[int]:
@@ -46,37 +48,62 @@ def lengths(n: int, seed: int) -> list[int]:
     return raw.tolist()
 
 
-def inputs(ir, lens: list[int], seed: int = 0):
+def inputs(module, ir, lens: list[int], seed: int = 0):
+    """[q, k, v, gates..., initial state tensors...] (one state per sequence), the gates' names."""
     g = torch.Generator(device=DEV).manual_seed(seed)
+    mlp = ir.memory.kind == "mlp"
     T = sum(lens)
     q = F.normalize(torch.randn(1, T, H, D, device=DEV, generator=g), dim=-1).bfloat16()
     k = F.normalize(torch.randn(1, T, H, D, device=DEV, generator=g), dim=-1).bfloat16()
     v = torch.randn(1, T, H, D, device=DEV, generator=g).bfloat16()
     params = {}
     for p in ir.inputs():
-        lo, hi = {"alpha": (0.95, 1.0), "a": (0.95, 1.0), "beta": (0.1, 0.9)}.get(p.name, (0.01, 0.1))
+        lo, hi = {"alpha": (0.95, 1.0), "a": (0.999 if mlp else 0.95, 1.0), "beta": (0.1, 0.9)}.get(
+            p.name, (0.01, 0.1))
         shape = (H,) if p.kind == "learnable" else (1, T, H, D) if p.shape == "channel" else (1, T, H)
         params[p.name] = lo + (hi - lo) * torch.rand(shape, device=DEV, generator=g)
-    s0 = 0.1 * torch.randn(len(lens), H, D, D, device=DEV, generator=g)
-    return [q, k, v, *params.values(), s0], list(params)
+    shapes = module._layer_shapes(D, D) if mlp else [(D, D)]
+    s0 = [0.1 * torch.randn(len(lens), H, a, b, device=DEV, generator=g) for a, b in shapes]
+    return [q, k, v, *params.values(), *s0], list(params)
+
+
+def state_of(leaves, names):
+    """The initial state among the leaves: one tensor (matrix memory) or a tuple (MLP memory)."""
+    s0 = leaves[3 + len(names):]
+    return s0[0] if len(s0) == 1 else tuple(s0)
+
+
+def joined(finals):
+    """Final states of several calls joined on the batch dim (tensors or tuples of tensors)."""
+    if isinstance(finals[0], torch.Tensor):
+        return torch.cat(finals, 0)
+    return tuple(torch.cat(xs, 0) for xs in zip(*finals))
+
+
+def flat(final):
+    return [final] if isinstance(final, torch.Tensor) else list(final)
 
 
 def packed(module, leaves, names, cu, chunk):
     q, k, v = leaves[:3]
-    return module.memory(q, k, v, **dict(zip(names, leaves[3:-1])), initial_state=leaves[-1],
-                         output_final_state=True, chunk_size=chunk, backend="triton", cu_seqlens=cu)
+    return module.memory(q, k, v, **dict(zip(names, leaves[3:3 + len(names)])),
+                         initial_state=state_of(leaves, names), output_final_state=True, chunk_size=chunk,
+                         backend="triton", cu_seqlens=cu)
 
 
 def looped(module, leaves, names, bounds, chunk):
     """One triton call per sequence, outputs and states joined as the packed call returns them."""
     outs, finals = [], []
+    s0 = flat(state_of(leaves, names))
     for n, (a, b) in enumerate(pairwise(bounds)):
-        params = {p: (x if x.dim() == 1 else x[:, a:b]) for p, x in zip(names, leaves[3:-1])}
-        o, f = module.memory(*(x[:, a:b] for x in leaves[:3]), **params, initial_state=leaves[-1][n:n + 1],
+        params = {p: (x if x.dim() == 1 else x[:, a:b]) for p, x in zip(names, leaves[3:3 + len(names)])}
+        s0_n = [x[n:n + 1] for x in s0]
+        o, f = module.memory(*(x[:, a:b] for x in leaves[:3]), **params,
+                             initial_state=s0_n[0] if len(s0_n) == 1 else tuple(s0_n),
                              output_final_state=True, chunk_size=chunk, backend="triton")
         outs.append(o)
         finals.append(f)
-    return torch.cat(outs, 1), torch.cat(finals, 0)
+    return torch.cat(outs, 1), joined(finals)
 
 
 def padded(module, leaves, names, bounds, chunk):
@@ -91,8 +118,8 @@ def padded(module, leaves, names, bounds, chunk):
         return torch.stack(rows)
 
     # gates padded with 1 (a decay of exactly 0 is not a valid input of the triton backend)
-    params = {p: (x if x.dim() == 1 else pad(x, 1.0)) for p, x in zip(names, leaves[3:-1])}
-    return module.memory(*(pad(x) for x in leaves[:3]), **params, initial_state=leaves[-1],
+    params = {p: (x if x.dim() == 1 else pad(x, 1.0)) for p, x in zip(names, leaves[3:3 + len(names)])}
+    return module.memory(*(pad(x) for x in leaves[:3]), **params, initial_state=state_of(leaves, names),
                          output_final_state=True, chunk_size=chunk, backend="triton")
 
 
@@ -101,7 +128,7 @@ def fwd_bwd(fn, leaves):
         for x in leaves:
             x.grad = None
         o, f = fn(leaves)
-        (o.float().square().sum() + f.square().sum()).backward()
+        (o.float().square().sum() + sum(x.square().sum() for x in flat(f))).backward()
     return run
 
 
@@ -110,7 +137,7 @@ def row(module, ir, label: str, chunk: int, N: int) -> str:
     lens = lengths(N, seed=N)
     bounds = [0, *torch.tensor(lens).cumsum(0).tolist()]
     cu = torch.tensor(bounds, device=DEV, dtype=torch.int32)
-    base, names = inputs(ir, lens)
+    base, names = inputs(module, ir, lens)
     runs = (lambda xs: packed(module, xs, names, cu, chunk), lambda xs: looped(module, xs, names, bounds, chunk),
             lambda xs: padded(module, xs, names, bounds, chunk))
     a = [x.detach().clone().requires_grad_() for x in base]
@@ -118,7 +145,8 @@ def row(module, ir, label: str, chunk: int, N: int) -> str:
     fwd_bwd(runs[0], a)()
     fwd_bwd(runs[1], b)()
     (oa, fa), (ob, fb) = runs[0](a), runs[1](b)
-    worst = max([rel(oa, ob), rel(fa, fb)] + [rel(x.grad, y.grad) for x, y in zip(a, b)])
+    worst = max([rel(oa, ob)] + [rel(x, y) for x, y in zip(flat(fa), flat(fb))]
+                + [rel(x.grad, y.grad) for x, y in zip(a, b)])
     nograd = [x.detach() for x in base]
     times = []
     for fn in runs:
@@ -138,11 +166,13 @@ def main() -> None:
     print("\n".join(rows), flush=True)
     out = Path(tempfile.mkdtemp())
     layers = [("Gated DeltaNet (chunk 1)", (ROOT / "examples" / "gated_deltanet.miras").read_text(), 1),
-              ("lp(p=3) + decay (chunk 64)", lp_decay_spec(H, D), 64)]
+              ("lp(p=3) + decay (chunk 64)", lp_decay_spec(H, D), 64),
+              ("MLP lp(p=3) + decay (chunk 64)", lp_decay_spec(H, D).replace("memory linear", f"memory {MLP}"), 64)]
     for label, text, chunk in layers:
         text = text.replace("heads 16", f"heads {H}").replace("key_dim 64", f"key_dim {D}")
         text = text.replace("value_dim 64", f"value_dim {D}")
-        module, ir = import_spec(text, f"varlen_{chunk}.miras", out, f"_varlen_{chunk}_")
+        tag = f"{chunk}{'_mlp' if 'MLP' in label else ''}"
+        module, ir = import_spec(text, f"varlen_{tag}.miras", out, f"_varlen_{tag}_")
         for N in COUNTS:
             rows.append(row(module, ir, label, chunk, N))
             print(rows[-1], flush=True)
