@@ -81,12 +81,14 @@ EXAMPLES = {  # label: (example file, batch of the agreement check)
     "Moneta example (lq retention)": ("moneta.miras", 1),
 }
 # Launch settings: the keys of the generated module's _MLP_FWD_CONFIG / _MLP_BWD_CONFIG. BX is the weight
-# tile width (the backward uses at most 64, and 32 with tf32 products); XS the hidden columns per program
+# tile width (the backward's BXF with tf32 products); XS the hidden columns per program
 # (split heads, depth-2 memories only; 0: one program per head).
 TUNE_FWD = [{"BX": 64, "XS": 0, "num_warps": 8, "num_stages": 2}, {"BX": 64, "XS": 128, "num_warps": 4, "num_stages": 1},
             {"BX": 64, "XS": 64, "num_warps": 4, "num_stages": 1}, {"BX": 32, "XS": 128, "num_warps": 4, "num_stages": 1}]
-TUNE_BWD = [{"BX": 64, "XS": 0, "num_warps": 8, "num_stages": 1}, {"BX": 64, "XS": 128, "num_warps": 4, "num_stages": 1},
-            {"BX": 64, "XS": 64, "num_warps": 4, "num_stages": 1}, {"BX": 64, "XS": 128, "num_warps": 8, "num_stages": 1}]
+TUNE_BWD = [{"BX": 64, "BXF": 32, "XS": 0, "num_warps": 8, "num_stages": 1},
+            {"BX": 64, "BXF": 32, "XS": 128, "num_warps": 4, "num_stages": 1},
+            {"BX": 64, "BXF": 64, "XS": 128, "num_warps": 4, "num_stages": 1},
+            {"BX": 64, "BXF": 64, "XS": 64, "num_warps": 4, "num_stages": 1}]
 FALLBACK = [  # (fwd, bwd) settings tried in turn after the module's own when a kernel does not compile
     ({"BX": 64, "XS": 0, "num_warps": 8, "num_stages": 2}, {"BX": 64, "XS": 0, "num_warps": 8, "num_stages": 1}),
     ({"BX": 16, "XS": 0, "num_warps": 4, "num_stages": 1}, {"BX": 64, "XS": 0, "num_warps": 4, "num_stages": 1}),
