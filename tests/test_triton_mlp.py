@@ -164,6 +164,14 @@ def test_triton_mlp_matches_reference(name, tmp_path):
              seed=SEED + list(VARIANTS).index(name), scale={"c": 10.0})
 
 
+def _split_heads(module, K: int, V: int, chunk: int) -> None:
+    """Both kernels split each head over programs of 16 hidden columns (the small test heads have 32-64),
+    and the launch really splits."""
+    for attr in ("_MLP_FWD_CONFIG", "_MLP_BWD_CONFIG"):
+        setattr(module, attr, {**getattr(module, attr), "XS": 16})
+        assert module._mlp_launch(K, V, chunk, getattr(module, attr))["NS"] > 1, attr
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="a head's programs wait for each other, which needs a GPU: Triton's "
                     "interpreter runs one program at a time (there every head is one program)")
 @pytest.mark.parametrize("name", ["titans_gd", "moneta_decay", "tanh_cauchy", "relu_channel", "silu_bf16",
@@ -173,10 +181,8 @@ def test_triton_mlp_sliced_heads_match_reference(name, tmp_path):
     parts of the last layer's products through _head_sum: the same checks as above."""
     variant = VARIANTS[name]
     module, compiled = _compile(name, variant, tmp_path)
-    for attr in ("_MLP_FWD_CONFIG", "_MLP_BWD_CONFIG"):
-        setattr(module, attr, {**getattr(module, attr), "XS": 16})
     K, V = variant["K"], variant["V"]
-    assert module._mlp_launch(K, V, _chunk(compiled), module._MLP_FWD_CONFIG)["NS"] > 1
+    _split_heads(module, K, V, _chunk(compiled))
     _compare(module, compiled.ir, variant["dtype"], _chunk(compiled), variant["B"], 2, K, V, variant["T"],
              seed=SEED + 100 + list(VARIANTS).index(name), scale={"c": 10.0})
 
@@ -199,8 +205,7 @@ def test_sliced_heads_on_packed_sequences(tmp_path):
     """Split heads (16 hidden columns per program) over packed sequences of uneven lengths."""
     variant = VARIANTS["moneta_decay"]
     module, compiled = _compile("moneta_decay", variant, tmp_path)
-    for attr in ("_MLP_FWD_CONFIG", "_MLP_BWD_CONFIG"):
-        setattr(module, attr, {**getattr(module, attr), "XS": 16})
+    _split_heads(module, variant["K"], variant["V"], _chunk(compiled))
     cu = [0, 3, 35, 40, 77]
     _compare(module, compiled.ir, variant["dtype"], _chunk(compiled), 1, 2, variant["K"], variant["V"], cu[-1],
              seed=SEED + 300, cu_seqlens=torch.tensor(cu))

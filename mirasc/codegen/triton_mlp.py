@@ -82,7 +82,7 @@ def _hidden_slots(depth: int) -> list[str]:
     """The slots whose columns are hidden units (X wide): a program sliced by hidden columns keeps only its
     slice of them. The others are K or V wide (the first layer's input, the last layer's output)."""
     _, bwd = _slots(depth)
-    return [s for s in bwd if s[-1].isdigit() and 1 <= int(s[-1]) < depth and not s.startswith("da0")]
+    return [s for s in bwd if s[-1].isdigit() and 1 <= int(s[-1]) < depth]
 
 
 def _num(x: float) -> str:
