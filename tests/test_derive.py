@@ -256,6 +256,18 @@ def test_loss_matches_hand_written_oracle(case):
         _close(ns["bias_loss"](y, v, *[P[n] for n in ir.params]), oracle(y, v, P), f"{case} loss V={V}")
 
 
+def test_smooth_abs_curvature_is_printed_cancelled():
+    """The VJP of the smoothed l1 must be eps / sa^3, not 1/sa - e^2/sa^3 (which loses its digits)."""
+    ns = _compile(torch_bias_source(derive_bias(lib("l1"), ())))
+    e = torch.tensor([-30.0, -2.0, 0.5, 3.0, 40.0], dtype=DT)
+    v = torch.randn(5, dtype=DT, generator=torch.Generator().manual_seed(11))
+    w = torch.rand(5, dtype=DT, generator=torch.Generator().manual_seed(12)) + 0.5
+    dy, dv = ns["bias_grad_vjp"](v + e, v, w)
+    exact = w * 1e-6 / (e**2 + 1e-6) ** 1.5
+    torch.testing.assert_close(dy, exact, rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(dv, -exact, rtol=1e-12, atol=0.0)
+
+
 def test_paper_definitions_without_smoothing():
     """With eps = 0 the library losses are exactly the paper's Eqs. 10, 12, 15 and 17."""
     gen = torch.Generator().manual_seed(3)

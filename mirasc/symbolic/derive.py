@@ -113,6 +113,23 @@ def _d(e: sp.Expr, x: sp.Symbol) -> sp.Expr:
     return clean(sp.diff(e, x)) if x in e.free_symbols else sp.S.Zero
 
 
+def cancelled(e: sp.Expr, y: sp.Symbol, v: sp.Symbol) -> sp.Expr:
+    """e over one denominator with its numerator expanded in the error y - v, where that is shorter.
+
+    Second derivatives of a smoothed |e| come out as 1/sa - e^2/sa^3, which cancels to eps/sa^3 in
+    exact arithmetic but loses most of its digits in floating point; the cancelled form is exact.
+    Each Piecewise branch is treated alone; a longer result keeps the original.
+    """
+    if isinstance(e, sp.Piecewise):
+        return sp.Piecewise(*[(cancelled(a, y, v), c) for a, c in e.args])
+    if not e.is_Add or y not in e.free_symbols:
+        return e
+    err = sp.Dummy("e", real=True)
+    num, den = sp.fraction(sp.together(e.xreplace({y: err + v})))
+    cand = (sp.expand(num) / den).xreplace({err: y - v})
+    return cand if sp.count_ops(cand) < sp.count_ops(e) else e
+
+
 # ---- zero tests -----------------------------------------------------------------------------------
 
 def _sample(sym: sp.Symbol, rng: random.Random) -> sp.Expr:
@@ -206,15 +223,16 @@ def derive_bias(bias: BiasSpec, params: tuple[Param, ...]) -> BiasIR:
     w = st.fresh("w", real=True)
     R = [st.fresh(f"R{r + 1}", real=True) for r in range(m)]
     c = [sp.Add(*[F2[r][s] * R[r] for r in range(m)]) for s in range(m)]
-    dyy = [_d(d[r], y) for r in range(m)]
+    dyy = [cancelled(_d(d[r], y), y, v) for r in range(m)]
+    dyv = [cancelled(_d(d[r], v), y, v) for r in range(m)]
     hess_diag = clean(sp.Add(*[a[r] * dyy[r] for r in range(m)]))
     dy = clean(sp.Add(*[c[s] * d[s] for s in range(m)]) + w * hess_diag)
     dv = clean(sp.Add(*[c[s] * _d(f[s], v) for s in range(m)])
-               + w * sp.Add(*[a[r] * _d(d[r], v) for r in range(m)]))
+               + w * sp.Add(*[a[r] * dyv[r] for r in range(m)]))
     pvjps = []
     for pname, p in zip(pnames, psyms):
         elem = clean(sp.Add(*[c[s] * _d(f[s], p) for s in range(m)])
-                     + w * sp.Add(*[a[r] * _d(d[r], p) for r in range(m)]))
+                     + w * sp.Add(*[a[r] * cancelled(_d(d[r], p), y, v) for r in range(m)]))
         if p in channel:
             if any(_d(a[r], p) != 0 for r in range(m)):  # pragma: no cover - refused above
                 raise DeriveError(f"per-channel gate {pname!r} outside a reduction", bias.loc)
@@ -252,4 +270,4 @@ def derive(spec: LayerSpec) -> LayerIR:
     return replace(ir, rule=rule_text(ir))
 
 
-__all__ = ["BiasVJP", "ParamVJP", "classify", "clean", "derive", "derive_bias", "is_zero"]
+__all__ = ["BiasVJP", "ParamVJP", "cancelled", "classify", "clean", "derive", "derive_bias", "is_zero"]
