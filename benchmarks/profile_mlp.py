@@ -26,8 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import bench_mlp as bm
 
-KERNELS = ("_mlp_fwd_kernel", "_mlp_write_kernel", "_mlp_read_kernel", "_mlp_bwd_kernel", "_mlp_read_bwd_kernel",
-           "_mlp_write_bwd_kernel")
+KERNELS = ("_mlp_fwd_kernel", "_mlp_write_kernel", "_mlp_read_kernel", "_mlp_bwd_kernel")
 
 
 def step(module, ir, leaves, names, n_state) -> None:
