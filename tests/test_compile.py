@@ -57,8 +57,7 @@ def test_memory_compiles_without_graph_breaks(compiled_examples, name, chunk):
     n_state = len(leaves) - 3 - len(names)
     fn = _memory_fn(module, names, n_state, chunk)
     outs, grads, weights = _forward_backward(fn, leaves)
-    kernel = "_chunk_bwd_kernel" if ir.memory.kind != "mlp" else \
-        "_mlp_write_bwd_kernel" if hasattr(module, "_mlp_write_bwd_kernel") else "_mlp_bwd_kernel"
+    kernel = "_mlp_bwd_kernel" if ir.memory.kind == "mlp" else "_chunk_bwd_kernel"
     counter = CountLaunches(getattr(module, kernel))
     setattr(module, kernel, counter)
     try:

@@ -157,7 +157,7 @@ def _chunk(compiled) -> int:
 def test_triton_mlp_matches_reference(name, tmp_path):
     variant = VARIANTS[name]
     module, compiled = _compile(name, variant, tmp_path)
-    assert "_mlp_launch" in compiled.source
+    assert "_mlp_bwd_kernel" in compiled.source
     K, V, T = variant["K"], variant["V"], variant["T"]
     # the Cauchy scale c drawn in (0.5, 5): a tiny c makes the loss (and its gradients ~1/c^3) ill-conditioned
     _compare(module, compiled.ir, variant["dtype"], _chunk(compiled), variant["B"], 2, K, V, T,
@@ -312,14 +312,14 @@ def test_triton_mlp_runtime_refusals(tmp_path):
 ])
 def test_uncovered_examples_are_refused(example, why):
     compiled = compile_spec((ROOT / "examples" / f"{example}.miras").read_text(), f"{example}.miras")
-    assert "_mlp_launch" not in compiled.source
+    assert "_mlp_bwd_kernel" not in compiled.source
     assert why in compiled.source
 
 
 @pytest.mark.parametrize("example", ["moneta", "yaad", "titans"])
 def test_covered_examples_carry_the_kernels(example):
     compiled = compile_spec((ROOT / "examples" / f"{example}.miras").read_text(), f"{example}.miras")
-    assert "_mlp_launch" in compiled.source
+    assert "_mlp_bwd_kernel" in compiled.source
 
 
 @pytest.mark.parametrize("retention, algorithm, why", [
@@ -330,7 +330,7 @@ def test_covered_examples_carry_the_kernels(example):
 def test_uncovered_specs_fall_back_to_torch(retention, algorithm, why, tmp_path):
     variant = _v("expansion=2, act=gelu, residual=true, norm=true", "l2", [ETA], retention, algorithm)
     module, compiled = _compile(f"fallback{abs(hash(retention + algorithm))}", variant, tmp_path)
-    assert "_mlp_launch" not in compiled.source
+    assert "_mlp_bwd_kernel" not in compiled.source
     ir = compiled.ir
     q, k, v, params, gen = make_inputs(ir, 1, 20, 2, 16, 16, dtype=torch.float32, seed=3)
     dims = [16, 32, 16]
