@@ -316,10 +316,15 @@ def test_uncovered_examples_are_refused(example, why):
     assert why in compiled.source
 
 
-@pytest.mark.parametrize("example", ["moneta", "yaad", "titans"])
-def test_covered_examples_carry_the_kernels(example):
+@pytest.mark.parametrize("example, split_forward", [("moneta", False), ("yaad", True), ("titans", False)])
+def test_covered_examples_carry_the_kernels(example, split_forward):
+    """Every covered example has the backward kernel; gd on a depth-2 memory without lq (Yaad) runs its
+    forward as the writes and the read-out, lq (Moneta) and momentum (Titans) as one fused kernel."""
     compiled = compile_spec((ROOT / "examples" / f"{example}.miras").read_text(), f"{example}.miras")
     assert "_mlp_bwd_kernel" in compiled.source
+    assert ("def _mlp_write_kernel" in compiled.source) == split_forward
+    assert ("def _mlp_read_kernel" in compiled.source) == split_forward
+    assert ("def _mlp_fwd_kernel" in compiled.source) != split_forward
 
 
 @pytest.mark.parametrize("retention, algorithm, why", [
