@@ -50,7 +50,8 @@ def kernel_resources(module) -> list[str]:
     return rows
 
 
-def times(layer: str, cfgs: dict | None) -> None:
+def warmed(layer: str, cfgs: dict | None) -> tuple:
+    """The layer's module with the launch settings, after two steps (compiled): step()'s arguments."""
     module, ir = bm.compile_layer(layer)
     bm.set_configs(module, cfgs)
     q, k, v, params, state = bm.inputs(ir)
@@ -59,13 +60,18 @@ def times(layer: str, cfgs: dict | None) -> None:
     for _ in range(2):
         step(*args)
     torch.cuda.synchronize()
+    return args
+
+
+def times(layer: str, cfgs: dict | None) -> None:
+    args = warmed(layer, cfgs)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
             step(*args)
         torch.cuda.synchronize()
     for ev in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:8]:
         print(f"{ev.key[:60]:60s} {ev.device_time_total / 5 / 1000:8.3f} ms per step ({ev.count // 5} calls)")
-    for row in kernel_resources(module):
+    for row in kernel_resources(args[0]):
         print(row)
 
 
@@ -75,16 +81,12 @@ def main() -> None:
     ap.add_argument("--layer", default="MLP lp(p=3)", help="a layer of bench_mlp.py")
     ap.add_argument("--cfg", help="launch settings, JSON {attr: dict}")
     args = ap.parse_args()
+    cfgs = json.loads(args.cfg) if args.cfg else None
     if args.times:
-        times(args.layer, json.loads(args.cfg) if args.cfg else None)
-        return
-    module, ir = bm.compile_layer(args.layer)
-    q, k, v, params, state = bm.inputs(ir)
-    leaves = [x.requires_grad_() for x in (q, k, v, *params.values(), *state)]
-    for _ in range(2):
-        step(module, ir, leaves, list(params), len(state))
-    torch.cuda.synchronize()
-    print("ok", flush=True)
+        times(args.layer, cfgs)
+    else:
+        warmed(args.layer, cfgs)
+        print("ok", flush=True)
 
 
 if __name__ == "__main__":
