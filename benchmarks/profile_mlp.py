@@ -26,8 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import bench_mlp as bm
 
-KERNELS = ("_mlp_fwd_kernel", "_mlp_write_kernel", "_mlp_read_kernel", "_mlp_bwd_kernel")
-
 
 def step(module, ir, leaves, names, n_state) -> None:
     for x in leaves:
@@ -37,10 +35,11 @@ def step(module, ir, leaves, names, n_state) -> None:
 
 
 def kernel_resources(module) -> list[str]:
-    """'name: regs, spills' of each compiled variant of the module's MLP kernels (Triton's JIT caches)."""
+    """'name: regs, spills' of each compiled variant of the module's MLP kernels (Triton's JIT caches);
+    the kernels are the module's _mlp_*_kernel functions, whichever the layer's template emitted."""
     rows = []
-    for name in KERNELS:
-        fn = getattr(module, name, None)
+    for name in sorted(n for n in vars(module) if n.startswith("_mlp_") and n.endswith("_kernel")):
+        fn = getattr(module, name)
         try:
             for cache in getattr(fn, "device_caches", {}).values():
                 for compiled in cache[0].values():
