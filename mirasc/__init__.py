@@ -10,6 +10,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .compiler import compile_file, compile_spec, load
+from .compiler import compile_file, compile_spec, load, load_source
 
-__all__ = ["__version__", "compile_file", "compile_spec", "load"]
+__all__ = ["__version__", "compile_file", "compile_spec", "load", "load_source"]

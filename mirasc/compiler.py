@@ -68,17 +68,22 @@ def cache_dir() -> Path:
 
 
 def load(path: str | os.PathLike) -> types.ModuleType:
-    """Compile a spec (once per content and mirasc version) into the cache and import the result.
+    """Compile the spec file at `path` (once per content and mirasc version) and import the result."""
+    path = Path(path)
+    return load_source(path.read_text(encoding="utf-8"), str(path))
+
+
+def load_source(text: str, file: str = "<spec>") -> types.ModuleType:
+    """Compile spec text (once per content and mirasc version) into the cache and import the result.
 
     The cache key is the sha256 of the spec text and the mirasc version, so an edited spec or a new
-    mirasc compiles again while repeated loads, also from several processes, reuse one file.
+    mirasc compiles again while repeated loads, also from several processes, reuse one file. `file`
+    names the spec in error messages and gives the cached module its stem.
     """
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
     key = spec_hash(text + "\0" + __version__)[:20]
-    target = cache_dir() / f"{_stem(str(path), 'layer')}_{key}.py"
+    target = cache_dir() / f"{_stem(file, 'layer')}_{key}.py"
     if not target.exists():
-        _write_atomic(target, compile_spec(text, str(path)).source)
+        _write_atomic(target, compile_spec(text, file).source)
     name = f"mirasc_generated.{target.stem}"
     if name in sys.modules:
         return sys.modules[name]

@@ -1,0 +1,1 @@
+"""Recall and language-modeling evals, and the comparison report."""

@@ -1,0 +1,1 @@
+"""The causal language model around a generated Miras block (Hugging Face transformers)."""

@@ -1,0 +1,1 @@
+"""mirasc train: one trainer from a CPU to many GPUs."""
