@@ -385,6 +385,10 @@ def _context(ir: LayerIR, version: str) -> dict:
         "need_segment_products": has_decay or momentum,
         # the torch backend fills constant gates and the no-decay mask to [B, H, C, ...] tensors
         "torch_needs_bh": not has_decay or alpha.name is None or (momentum and beta.name is None),
+        # an affine bias (unit Hessian) on a matrix memory without a map: the torch backend solves chunks
+        # under a block exactly in the WY form (one triangular system per block, per column if per channel)
+        "torch_wy": not mlp and map_ == "id" and klass == "affine",
+        "torch_wy_channel": (alpha.channel and has_decay) or (momentum and beta.channel) or lr.channel,
         "gamma_arg": gamma_arg,
         "base_point": base_point,
         "bias_args": bias_args,
