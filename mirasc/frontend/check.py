@@ -51,6 +51,15 @@ GENERATED_NAMES = frozenset({
     "y", "v", "q", "k", "o", "x", "self", "torch", "nn", "F", "math", "triton", "tl", "state",
     "initial_state", "output_final_state", "chunk_size", "backend", "cu_seqlens",
 })
+# Module-level names of the generated module: the layer's class sits beside them, so a layer may not
+# take one (tests/test_names.py keeps this list complete).
+MODULE_NAMES = frozenset({
+    "memory", "step", "decode_state", "DecodeState", "LayerState", "State", "bias_loss", "bias_grad",
+    "bias_grad_vjp", "HEADS", "KEY_DIM", "VALUE_DIM", "CHUNK_SIZE", "DEPTH", "EXPANSION", "NamedTuple",
+    "annotations", "pairwise", "os", "uuid", "math",
+})
+# Long enough for any real name; the layer's name can become the generated file's name.
+MAX_NAME = 64
 RESERVED = (frozenset(keyword.kwlist) | frozenset(keyword.softkwlist) | frozenset(dir(builtins))
             | GENERATED_NAMES | catalog.RESERVED)
 
@@ -157,6 +166,12 @@ class _Checker:
             self.fail(name.loc, f"{what} '{text}' is not a valid identifier")
         if text.startswith("_"):
             self.fail(name.loc, f"{what} '{text}': names starting with '_' are reserved")
+        if len(text) > MAX_NAME:
+            self.fail(name.loc, f"{what} '{text[:20]}...' is {len(text)} characters long; "
+                                f"names have at most {MAX_NAME}")
+        if what == "layer name" and text in MODULE_NAMES:
+            self.fail(name.loc, f"layer name '{text}' is reserved (the generated module defines it); "
+                                f"choose another name")
         if text in RESERVED:
             if keyword.iskeyword(text) or keyword.issoftkeyword(text):
                 why = "a Python keyword"
