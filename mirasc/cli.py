@@ -55,6 +55,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.cli import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -79,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
     p.add_argument("--reps", type=int, default=20, help="timed repetitions (median reported)")
     p.set_defaults(run=cmd_bench)
+    p = sub.add_parser("train", help="train a causal LM around the spec's layer (docs/training.md)")
+    from .train.cli import add_arguments as add_train_arguments
+
+    add_train_arguments(p)
+    p.set_defaults(run=cmd_train)
     return parser
 
 
