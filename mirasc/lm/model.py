@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import sys
 from itertools import pairwise
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -398,6 +399,14 @@ class MirascForCausalLM(MirascPreTrainedModel, GenerationMixin):
         self.model = MirascModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
+        """config.json (spec text included) and model.safetensors, plus the spec as <spec_file> for humans."""
+        result = super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+        if is_main_process and self.config.spec:
+            name = Path(self.config.spec_file).name or "layer.miras"
+            (Path(save_directory) / name).write_text(self.config.spec, encoding="utf-8")
+        return result
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
