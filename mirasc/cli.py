@@ -61,6 +61,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .lm.generate import find_model_dir, generate_bytes, load_model
+
+    if args.max_new_tokens < 1:
+        raise SystemExit("mirasc: --max-new-tokens must be at least 1")
+    path = find_model_dir(args.run_dir)
+    model = load_model(path, args.device)
+    temperature = 0.0 if args.greedy else args.temperature
+    text, timing = generate_bytes(model, args.prompt.encode("utf-8"), args.max_new_tokens, temperature, args.seed)
+    print(args.prompt + text.decode("utf-8", errors="replace"))
+    print(f"[{path}: {timing['tokens']} tokens, prefill {timing['prefill_ms']:.1f} ms, "
+          f"{timing['ms_per_token']:.2f} ms/token on {next(model.parameters()).device}]", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -90,6 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_arguments(p)
     p.set_defaults(run=cmd_train)
+    p = sub.add_parser("generate", help="continue a prompt with a trained model (byte level), print ms/token")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a saved model folder, or a run folder (its latest checkpoint)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", action="store_true", help="argmax decoding")
+    mode.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.set_defaults(run=cmd_generate)
     return parser
 
 

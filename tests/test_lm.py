@@ -249,3 +249,21 @@ def test_decode_speed_reports_rates():
     r = lm.decode_speed(model, prompt_len=5, new_tokens=3, batch=2)
     assert r["tokens_per_s"] > 0 and r["ms_per_token"] > 0
     assert r["tokens_per_s"] == pytest.approx(2 * 1e3 / r["ms_per_token"])
+
+
+def test_generate_command_prints_the_greedy_continuation(tmp_path, capsys):
+    from mirasc.cli import main
+    from mirasc.lm.generate import generate_bytes
+
+    model = make_model(**CASES["gdn_hybrid"])
+    model.save_pretrained(tmp_path / "checkpoint-2")
+    model.save_pretrained(tmp_path / "checkpoint-10")
+    prompt = b"def f(x):"
+    want = model.generate(torch.tensor([list(prompt)]), max_new_tokens=6, do_sample=False)[0, len(prompt):]
+    text, timing = generate_bytes(model, prompt, max_new_tokens=6)
+    assert text == bytes(want.tolist()) and timing["ms_per_token"] > 0
+    assert main(["generate", str(tmp_path), "--prompt", prompt.decode(), "--max-new-tokens", "6",
+                 "--greedy", "--device", "cpu"]) == 0
+    out = capsys.readouterr()
+    assert out.out == (prompt + text).decode("utf-8", errors="replace") + "\n"
+    assert "checkpoint-10" in out.err and "ms/token" in out.err
