@@ -29,9 +29,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from .frontend import load_spec
+    from .stability import analyse
 
     for path in args.specs:
         spec = load_spec(_read(path), path)
+        for warning in analyse(spec):  # the first update's stability at the gates' inits; exit status stays 0
+            print(warning, file=sys.stderr)
         print(f"{path}: ok ({spec.name})")
     return 0
 
