@@ -36,8 +36,8 @@ def _fresh_cache_one_thread(tmp_path_factory):
 
 def make_model(spec="gated_deltanet", seed=0, **overrides):
     """A tiny model with large random weights, so greedy choices are far from ties."""
-    kwargs = {"spec": SPECS[spec], "spec_file": f"{spec}.miras", "hidden_size": 32, "num_hidden_layers": 2, "heads": 2,
-                  "head_dim": 8, "initializer_range": 0.5, "pad_token_id": 0, "backend": "torch"}
+    kwargs = {"spec": SPECS[spec], "spec_file": f"{spec}.miras", "hidden_size": 32, "num_hidden_layers": 2,
+              "heads": 2, "head_dim": 8, "initializer_range": 0.5, "pad_token_id": 0, "backend": "torch"}
     kwargs.update(overrides)
     torch.manual_seed(seed)
     return lm.MirascForCausalLM(lm.MirascConfig(**kwargs)).eval()
@@ -133,7 +133,8 @@ def test_beam_search_with_cache_equals_without():
     model = make_model(**CASES["moneta_c4_hybrid_window"])
     gen = torch.Generator().manual_seed(4)
     ids, mask = left_pad([torch.randint(1, 256, (1, n), generator=gen) for n in (6, 3)])
-    kwargs = {"attention_mask": mask, "max_new_tokens": 5, "do_sample": False, "num_beams": 3, "num_return_sequences": 2}
+    kwargs = {"attention_mask": mask, "max_new_tokens": 5, "do_sample": False, "num_beams": 3,
+              "num_return_sequences": 2}
     with_cache = model.generate(ids, **kwargs)
     without = model.generate(ids, use_cache=False, **kwargs)
     assert torch.equal(with_cache, without)
@@ -151,7 +152,8 @@ def test_packed_documents_equal_separate_forwards(case):
         separate = [model(input_ids=d).logits for d in docs]
     torch.testing.assert_close(out.logits, torch.cat(separate, 1), atol=1e-4, rtol=1e-4)
     # the loss: every document predicts its own next tokens, nothing across a boundary
-    nll = [torch.nn.functional.cross_entropy(lg[0, :-1], d[0, 1:], reduction="sum") for lg, d in zip(separate, docs)]
+    nll = [torch.nn.functional.cross_entropy(lg[0, :-1], d[0, 1:], reduction="sum")
+           for lg, d in zip(separate, docs)]
     count = sum(d.shape[1] - 1 for d in docs)
     torch.testing.assert_close(out.loss, sum(nll) / count, atol=1e-5, rtol=1e-5)
 
@@ -193,20 +195,29 @@ def test_save_and_load_round_trip(tmp_path):
 
 @pytest.mark.parametrize("packed", [False, True])
 def test_gradients_reach_every_parameter(packed):
+    """Finite, nonzero gradients everywhere; gradient checkpointing recomputes them exactly."""
     model = make_model(**CASES["moneta_c4_hybrid_window"]).train()
     gen = torch.Generator().manual_seed(8)
     if packed:
         ids = torch.randint(1, 256, (1, 13), generator=gen)
-        out = model(input_ids=ids, labels=ids, cu_seqlens=torch.tensor([0, 5, 13], dtype=torch.int32))
+        kwargs = {"cu_seqlens": torch.tensor([0, 5, 13], dtype=torch.int32)}
     else:
         ids = torch.randint(1, 256, (2, 9), generator=gen)
-        out = model(input_ids=ids, labels=ids)
+        kwargs = {}
+    out = model(input_ids=ids, labels=ids, **kwargs)
     assert math.isfinite(out.loss.item())
     out.loss.backward()
+    grads = {}
     for name, p in model.named_parameters():
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
+        grads[name] = p.grad.clone()
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    model(input_ids=ids, labels=ids, **kwargs).loss.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], msg=name)
 
 
 def test_sliding_window_attention_against_naive_softmax():

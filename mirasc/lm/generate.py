@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from .model import output_cache
+
 
 def find_model_dir(path: str | Path) -> Path:
     """A folder with config.json: `path` itself, else its highest-step checkpoint-* subfolder (a run folder)."""
@@ -57,7 +59,7 @@ def generate_bytes(model, prompt: bytes, max_new_tokens: int = 200, temperature:
     new = [token]
     start = time.perf_counter()
     for _ in range(max_new_tokens - 1):
-        out = model(input_ids=token, cache=out.cache)
+        out = model(input_ids=token, cache=output_cache(out))
         token = pick(out.logits[:, -1])
         new.append(token)
     sync()

@@ -26,6 +26,13 @@ from .cache import MirascCache, memory_pos, tree_cat
 from .config import MirascConfig
 
 IGNORE = -100
+# transformers renamed the outputs' past_key_values to cache (5.2x); either is accepted and returned
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def output_cache(out) -> MirascCache | None:
+    """The cache of a model output, under this transformers version's field name."""
+    return getattr(out, CACHE_FIELD, None)
 
 
 def load_block_class(config: MirascConfig) -> type[nn.Module]:
@@ -363,7 +370,7 @@ class MirascModel(MirascPreTrainedModel):
             if attention_mask is not None and T > 1 and not bool(attention_mask[:, -T:].bool().all()):
                 raise ValueError("tokens after a cache must all be real (attention_mask 1)")
             h = self._run_cached(input_ids, cache)
-            return BaseModelOutputWithPast(last_hidden_state=self.norm(h), cache=cache)
+            return BaseModelOutputWithPast(last_hidden_state=self.norm(h), **{CACHE_FIELD: cache})
         if attention_mask is not None and bool(attention_mask.bool().all()):
             attention_mask = None
         if attention_mask is None and not use_cache:
@@ -373,7 +380,7 @@ class MirascModel(MirascPreTrainedModel):
         if cache is not None:  # an empty cache object handed in: fill it
             cache.__dict__.update(new_cache.__dict__)
             new_cache = cache
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), cache=new_cache)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), **{CACHE_FIELD: new_cache})
 
 
 class MirascForCausalLM(MirascPreTrainedModel, GenerationMixin):
@@ -451,4 +458,4 @@ class MirascForCausalLM(MirascPreTrainedModel, GenerationMixin):
                 targets[0, cu_seqlens[1:-1].long() - 1] = IGNORE  # document starts are not predicted
             loss = F.cross_entropy(full[:, :-1].float().reshape(-1, full.shape[-1]), targets.reshape(-1),
                                    ignore_index=IGNORE)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: output_cache(out)})

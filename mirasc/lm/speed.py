@@ -5,6 +5,8 @@ import time
 
 import torch
 
+from .model import output_cache
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -29,7 +31,7 @@ def decode_speed(model, prompt_len: int = 64, new_tokens: int = 32, batch: int =
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
         _sync(device)
         prefill = time.perf_counter() - start
-        cache = out.cache
+        cache = output_cache(out)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         out = model(input_ids=token, cache=cache)  # warm-up step
         token = out.logits[:, -1].argmax(-1, keepdim=True)
