@@ -214,7 +214,8 @@ def test_gradients_reach_every_parameter(packed):
         assert p.grad.abs().sum() > 0, name
         grads[name] = p.grad.clone()
     model.zero_grad()
-    model.gradient_checkpointing_enable()
+    # activation_checkpointing_enable is the newer transformers' name of gradient_checkpointing_enable
+    getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     model(input_ids=ids, labels=ids, **kwargs).loss.backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[name], msg=name)
