@@ -36,6 +36,7 @@ _OPTIONS = [
     ("--keep-checkpoints", "keep_checkpoints", int, "intermediate checkpoints kept (0: all)"),
     ("--log-every", "log_every", int, "steps between metrics.jsonl lines"),
     ("--device", "device", str, "auto (cuda when present), cpu or cuda"),
+    ("--threads", "threads", int, "CPU threads per process (the CPU presets: 1; see docs/training.md)"),
     ("--out", "out", str, "run folder (default: runs/<spec stem>-<timestamp>)"),
 ]
 _FLAGS = [

@@ -168,9 +168,11 @@ def make_tokenizer(path: str | Path | None):
 class PackedStream:
     """Documents tokenised and concatenated; rows of `seq_len` tokens are cut from the stream.
 
-    For training (`shuffle=True`) every epoch concatenates the documents in its own order, drawn from
-    (seed, epoch); the row with global index i is row i % R of epoch i // R (R rows per epoch; the
-    stream's tail that fills no whole row is dropped). Validation reads the documents in name order.
+    For training (`shuffle=True`) every epoch concatenates the documents in its own order and reads the
+    rows in its own order, both drawn from (seed, epoch): the row with global index i is row
+    perm_e[i % R] of epoch e = i // R (R rows per epoch; the stream's tail that fills no whole row is
+    dropped), so the rows of one batch come from all over the corpus, not from one or two documents.
+    Validation reads the documents in name order and the rows in order.
     """
 
     def __init__(self, docs: list[Document], tokenizer, seq_len: int, seed: int = 0, shuffle: bool = True):
@@ -203,12 +205,15 @@ class PackedStream:
         starts[torch.cumsum(lengths, 0)[:-1]] = True
         starts[0] = True
         self._starts = starts
+        self._rows = torch.randperm(self.rows_per_epoch, generator=gen) if self.shuffle else None
         self._epoch = epoch
 
     def row(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens [seq_len], document-start flags [seq_len]) of the row with this global index."""
         epoch, r = divmod(index, self.rows_per_epoch)
         self._build(epoch if self.shuffle else 0)
+        if self._rows is not None:
+            r = int(self._rows[r])
         span = slice(r * self.seq_len, (r + 1) * self.seq_len)
         return self._stream[span], self._starts[span]
 
@@ -247,16 +252,20 @@ def pack_rows(rows: list[tuple[torch.Tensor, torch.Tensor]]) -> Batch:
 class TrainData:
     """The global batch of every step, and each rank's share of it.
 
-    Step s (counted from 0) reads rows s * G ... s * G + G - 1 of the training stream, G = the global
-    batch in rows. A micro-batch of one rank is a contiguous slice of those rows, so N ranks with
-    per-rank batch B read together what one process with batch N * B reads.
+    Step s (counted from 0) reads rows r(s) ... r(s) + G - 1 of the training stream, G = the global batch
+    in rows and r(s) = s * G. A resumed run whose global batch was changed continues from the row where
+    the checkpoint stopped: r(s) = row0 + (s - step0) * G. A micro-batch of one rank is a contiguous slice
+    of those rows, so N ranks with per-rank batch B read together what one process with batch N * B reads.
     """
 
-    def __init__(self, stream: PackedStream, global_rows: int):
-        self.stream, self.global_rows = stream, global_rows
+    def __init__(self, stream: PackedStream, global_rows: int, step0: int = 0, row0: int = 0):
+        self.stream, self.global_rows, self.step0, self.row0 = stream, global_rows, step0, row0
+
+    def first_row(self, step: int) -> int:
+        return self.row0 + (step - self.step0) * self.global_rows
 
     def rows(self, step: int, start: int, count: int) -> Batch:
-        base = step * self.global_rows
+        base = self.first_row(step)
         return pack_rows([self.stream.row(base + start + j) for j in range(count)])
 
     def global_targets(self, step: int) -> int:
@@ -264,7 +273,7 @@ class TrainData:
         return self.rows(step, 0, self.global_rows).n_targets
 
     def epoch(self, step: int) -> float:
-        return step * self.global_rows / self.stream.rows_per_epoch
+        return self.first_row(step) / self.stream.rows_per_epoch
 
 
 def validation_batches(stream: PackedStream, rows_per_batch: int, max_batches: int, rank: int = 0,

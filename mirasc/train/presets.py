@@ -9,10 +9,11 @@ PRESETS: dict[str, dict] = {
     # seconds on a CPU: for tests and for trying the command
     "tiny": {"d_model": 32, "layers": 1, "heads": 2, "head_dim": 16, "seq_len": 64, "batch_size": 4,
              "steps": 20, "lr": 3e-3, "warmup": 2, "eval_every": 10, "eval_batches": 2, "save_every": 0,
-             "corpus_bytes": 300_000, "val_fraction": 0.1},
+             "corpus_bytes": 300_000, "val_fraction": 0.1, "threads": 1},
     # the default: ~0.9M parameters, a few minutes on two CPU cores, below the unigram entropy
-    "cpu": {"d_model": 128, "layers": 3, "heads": 2, "head_dim": 64, "seq_len": 128, "batch_size": 16,
-            "steps": 500, "lr": 3e-3, "warmup": 30, "eval_every": 100, "eval_batches": 8, "save_every": 250},
+    "cpu": {"d_model": 128, "layers": 3, "heads": 2, "head_dim": 64, "seq_len": 128, "batch_size": 8,
+            "steps": 300, "lr": 3e-3, "warmup": 20, "eval_every": 50, "eval_batches": 4, "save_every": 150,
+            "threads": 1},
     # one GPU, minutes: a quick check of a layer at a real width
     "gpu-small": {"d_model": 512, "layers": 8, "heads": 8, "head_dim": 64, "seq_len": 1024, "batch_size": 16,
                   "steps": 2000, "lr": 1e-3, "warmup": 200, "eval_every": 250, "eval_batches": 16,

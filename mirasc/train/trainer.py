@@ -85,6 +85,7 @@ class TrainConfig:
     compile: bool = False
     fsdp: bool = False
     device: str = "auto"                # auto (cuda when present), cpu, cuda
+    threads: int | None = None          # CPU threads per process (None: torch's default)
     amp: bool = True                    # bf16 autocast on CUDA (never on CPU)
     progress: bool = True
     out: str | None = None              # the run folder; None: runs/<spec stem>-<timestamp>
@@ -446,7 +447,7 @@ def train(spec: str | os.PathLike | None = None, *, model_fn=None, resume: str |
     configuration and the overrides given here (e.g. more steps). model_fn(cfg, vocab_size) replaces
     the model (default: MirascForCausalLM).
     """
-    checkpoint = None
+    checkpoint, explicit = None, {k for k, v in overrides.items() if v is not None}
     if resume is not None:
         checkpoint = find_checkpoint(resume)
         saved = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)["config"]
@@ -462,10 +463,22 @@ def train(spec: str | os.PathLike | None = None, *, model_fn=None, resume: str |
     probe = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dd = init_distributed(probe)
     try:
-        return _train(cfg, dd, model_fn, checkpoint)
+        return _train(cfg, dd, model_fn, checkpoint, explicit)
     finally:
         if dd.owned:
             dist.destroy_process_group()
+
+
+def _keep_global_batch(cfg: TrainConfig, saved: dict, world: int, explicit: set[str]) -> TrainConfig:
+    """On another number of processes, the per-process batch that keeps the checkpoint's global batch
+    (so the run goes on exactly as it would have), unless --batch-size or --grad-accum was given."""
+    rows = saved["global_rows"]
+    if world * cfg.batch_size * cfg.grad_accum == rows or {"batch_size", "grad_accum"} & explicit:
+        return cfg
+    if rows % (world * cfg.grad_accum):
+        raise ValueError(f"the checkpoint's global batch of {rows} rows does not divide over {world} "
+                         f"processes x {cfg.grad_accum} micro-batches; give --batch-size / --grad-accum")
+    return dataclasses.replace(cfg, batch_size=rows // (world * cfg.grad_accum))
 
 
 def _say(dd: Dist, *parts) -> None:
@@ -473,9 +486,16 @@ def _say(dd: Dist, *parts) -> None:
         print(*parts, flush=True)
 
 
-def _train(cfg: TrainConfig, dd: Dist, model_fn, checkpoint: Path | None) -> Path:
+def _train(cfg: TrainConfig, dd: Dist, model_fn, checkpoint: Path | None, explicit: set[str]) -> Path:
     wall_start = time.perf_counter()
+    step0 = row0 = 0
+    if checkpoint is not None:
+        saved = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
+        step0, row0 = saved["step"], saved["data_rows"]
+        cfg = _keep_global_batch(cfg, saved, dd.world, explicit)
     device = _device(cfg, dd.local_rank)
+    if device.type == "cpu" and cfg.threads:
+        torch.set_num_threads(cfg.threads)
     out = Path(cfg.out) if cfg.out else _default_out(cfg)
     if dd.world > 1:   # one timestamp for all ranks
         box = [str(out)]
@@ -491,7 +511,7 @@ def _train(cfg: TrainConfig, dd: Dist, model_fn, checkpoint: Path | None) -> Pat
     train_stream = PackedStream(train_docs, tokenizer, cfg.seq_len, seed=cfg.seed, shuffle=True)
     val_stream = PackedStream(val_docs, tokenizer, cfg.seq_len, shuffle=False)
     global_rows = cfg.batch_size * dd.world * cfg.grad_accum
-    data = TrainData(train_stream, global_rows)
+    data = TrainData(train_stream, global_rows, step0, row0)
     val = validation_batches(val_stream, cfg.batch_size, cfg.eval_batches, dd.rank, dd.world)
 
     # model and optimiser
@@ -545,14 +565,15 @@ def _train(cfg: TrainConfig, dd: Dist, model_fn, checkpoint: Path | None) -> Pat
 
     def run_eval(step: int) -> tuple[float, float]:
         loss, bpb = evaluate(runner, val, device, cfg, dd, val_stream.bytes_per_token)
-        log({"step": step, "tokens": step * tokens_per_step, "val_loss": loss, "val_bpb": bpb})
+        log({"step": step, "tokens": data.first_row(step) * cfg.seq_len, "val_loss": loss, "val_bpb": bpb})
         if dd.main:
             plot_curves(out, entropy, f"{cfg.stem}: {n_params:,} parameters")
         return loss, bpb
 
     def checkpoint_extra(val_bpb):
         return {"unigram_entropy": entropy, "n_params": n_params, "val_bpb": val_bpb,
-                "tokens": step * tokens_per_step, "data_rows": step * global_rows}
+                "tokens": data.first_row(step) * cfg.seq_len, "data_rows": data.first_row(step),
+                "global_rows": global_rows}
 
     from tqdm.auto import tqdm
 
@@ -602,7 +623,7 @@ def _train(cfg: TrainConfig, dd: Dist, model_fn, checkpoint: Path | None) -> Pat
             raise FloatingPointError(f"step {step}: the training loss is {train_loss}")
         if step % cfg.log_every == 0 or step == cfg.steps:
             log({"step": step, "loss": train_loss, "bpb": train_loss / math.log(2) / bpt_train, "lr": lr,
-                 "grad_norm": float(grad_norm), "tokens": step * tokens_per_step,
+                 "grad_norm": float(grad_norm), "tokens": data.first_row(step) * cfg.seq_len,
                  "tokens_per_s": tokens_per_step / dt, "time": time.perf_counter() - wall_start})
         bar.update(1)
         bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{train_tokens / train_time:,.0f}",
@@ -620,7 +641,7 @@ def _train(cfg: TrainConfig, dd: Dist, model_fn, checkpoint: Path | None) -> Pat
     tok_s = train_tokens / train_time if train_time else 0.0
     wall = time.perf_counter() - wall_start
     summary = {"spec_file": cfg.spec_file, "preset": cfg.preset, "n_params": n_params, "steps": step,
-               "tokens": step * tokens_per_step, "unigram_entropy": entropy, "val_loss": val_loss,
+               "tokens": data.first_row(step) * cfg.seq_len, "unigram_entropy": entropy, "val_loss": val_loss,
                "val_bpb": val_bpb, "tokens_per_s": tok_s, "wall_s": wall, "world_size": dd.world,
                "device": device.type}
     if dd.main:
