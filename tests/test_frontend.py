@@ -197,8 +197,8 @@ def test_expression_precedence() -> None:
     assert bias("sum(y - v - 1)") == Call("sum", (Binary("-", Binary("-", y, v), Num(1.0)),))
     assert bias("sum(y^-1)") == Call("sum", (Binary("^", y, Unary("-", Num(1.0))),))
     assert bias("mean(y * 1e-6)").args[0].rhs == Num(1e-6)
-    nested = bias("sum(y) / norm(v) + mean(sum(y) * v)")  # reductions nest fine
-    assert isinstance(nested, Binary)
+    combined = bias("sum(y) / norm(v) + mean(y * v)")  # reductions combine outside (they do not nest)
+    assert isinstance(combined, Binary)
     cond = bias("if sum(y) <= 1 then sum(y^2) else norm(y - v)")  # a top-level if on reductions
     assert isinstance(cond, IfElse) and cond.cond.op == "<="
     ok = bias("sum(if sign(y - v) > 0 then y else 2 * y)")  # sign inside a condition is fine
@@ -444,11 +444,14 @@ def test_no_traceback_for_mangled_text() -> None:
 
 
 def test_deep_nesting_is_an_error_not_a_crash() -> None:
-    assert load_spec(edit("bias l2", "bias sum(" + "(" * 3000 + "y" + ")" * 3000 + ")"))  # parens add no depth
+    from mirasc.frontend.parse import MAX_DEPTH, MAX_PARENS
+
+    assert load_spec(edit("bias l2", "bias sum(" + "(" * (MAX_PARENS - 1) + "y" + ")" * (MAX_PARENS - 1) + ")"))
     for deep in ("abs(" * 3000 + "y" + ")" * 3000, "-" * 3000 + "y", "y^" * 3000 + "2"):
         err = fails(edit("bias l2", f"bias sum({deep})"))
-        assert "nested too deeply" in err.message and err.line == 8
-    assert load_spec(edit("bias l2", "bias sum(" + "abs(" * 90 + "y" + ")" * 90 + ")"))
+        assert ("nested too deeply" in err.message or "too long" in err.message) and err.line == 8
+    depth = MAX_DEPTH - 1  # sum(...) is the first level
+    assert load_spec(edit("bias l2", "bias sum(" + "abs(" * depth + "y" + ")" * depth + ")"))
 
 
 def test_language_reference_names_every_library_entry() -> None:

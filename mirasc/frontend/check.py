@@ -44,6 +44,7 @@ from mirasc.spec import Expr as SpecExpr
 from . import ast
 from .errors import SpecError
 
+_ARITHMETIC = frozenset({"+", "-", "*", "/"})
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 # Names the generated module uses itself (arguments, locals, imports) or that the spec language owns.
@@ -475,11 +476,21 @@ class _Checker:
                                 f"parameter ({declared})")
         if isinstance(node, ast.Neg):
             return Unary("-", self.expr(node.operand), node.loc)
-        if isinstance(node, ast.BinOp):
-            rhs = self.expr(node.rhs)
-            if node.op == "/" and isinstance(rhs, Num) and rhs.value == 0:
-                self.fail(node.rhs.loc, "division by zero")
-            return Binary(node.op, self.expr(node.lhs), rhs, node.loc)  # type: ignore[arg-type]
+        if isinstance(node, ast.BinOp) and node.op in _ARITHMETIC:
+            # a left-associated chain, walked in a loop: its length costs no recursion (parse.MAX_DEPTH)
+            links = []
+            while isinstance(node, ast.BinOp) and node.op in _ARITHMETIC:
+                links.append(node)
+                node = node.lhs
+            built = self.expr(node)
+            for link in reversed(links):
+                rhs = self.expr(link.rhs)
+                if link.op == "/" and isinstance(rhs, Num) and rhs.value == 0:
+                    self.fail(link.rhs.loc, "division by zero")
+                built = Binary(link.op, built, rhs, link.loc)  # type: ignore[arg-type]
+            return built
+        if isinstance(node, ast.BinOp):  # ^
+            return Binary(node.op, self.expr(node.lhs), self.expr(node.rhs), node.loc)  # type: ignore[arg-type]
         if isinstance(node, ast.Call):
             return self.call(node)
         if isinstance(node, ast.IfElse):
@@ -507,31 +518,41 @@ class _Checker:
             self.fail(node.fn.loc, f"{fn} takes {_plural(arity, 'argument')}, got {len(node.args)}")
         return Call(fn, tuple(self.expr(a.value) for a in node.args), node.loc)
 
-    def scalar(self, node: SpecExpr | Compare, inside: bool) -> None:
-        """Every y, v and per-channel gate must sit inside a reduction: the loss is one number."""
-        if isinstance(node, Var) and not inside:
-            if node.name in ("y", "v"):
-                self.fail(node.loc, f"the bias must be a scalar: wrap elementwise terms in sum(...) or "
-                                    f"mean(...) ('{node.name}' is a vector over the value dimension)")
-            param = self.params.get(node.name)
-            if param is not None and param.shape == "channel":
-                self.fail(node.loc, f"the bias must be a scalar: wrap elementwise terms in sum(...) or "
-                                    f"mean(...) (gate '{node.name}' is per channel)")
-        inner = inside or (isinstance(node, Call) and node.fn in catalog.REDUCTIONS)
-        for child in _children(node):
-            self.scalar(child, inner)
+    def scalar(self, root: SpecExpr | Compare, inside: bool) -> None:
+        """Every y, v and per-channel gate must sit inside a reduction: the loss is one number.
 
-    def smooth(self, node: SpecExpr | Compare, in_condition: bool) -> None:
+        Reductions do not nest: a reduction's body is elementwise (docs/language.md, "Bias expressions").
+        """
+        stack: list[tuple[SpecExpr | Compare, Call | None]] = [(root, None)]
+        while stack:
+            node, reduction = stack.pop()
+            if isinstance(node, Var) and reduction is None and not inside:
+                if node.name in ("y", "v"):
+                    self.fail(node.loc, f"the bias must be a scalar: wrap elementwise terms in sum(...) or "
+                                        f"mean(...) ('{node.name}' is a vector over the value dimension)")
+                param = self.params.get(node.name)
+                if param is not None and param.shape == "channel":
+                    self.fail(node.loc, f"the bias must be a scalar: wrap elementwise terms in sum(...) or "
+                                        f"mean(...) (gate '{node.name}' is per channel)")
+            if isinstance(node, Call) and node.fn in catalog.REDUCTIONS:
+                if reduction is not None:
+                    self.fail(node.loc, f"reductions do not nest: '{node.fn}' is inside '{reduction.fn}' "
+                                        f"(line {reduction.loc.line}, column {reduction.loc.col}); "
+                                        f"a reduction's body is elementwise")
+                reduction = node
+            stack.extend((child, reduction) for child in reversed(_children(node)))
+
+    def smooth(self, root: SpecExpr | Compare, in_condition: bool) -> None:
         """No sign() of a y-dependent value outside an if-condition: its gradient is zero."""
-        if isinstance(node, Call) and node.fn == "sign" and not in_condition and _mentions(node, "y"):
-            self.fail(node.loc, "sign has zero gradient almost everywhere; use smooth_sign")
-        if isinstance(node, IfElse):
-            self.smooth(node.cond, True)
-            self.smooth(node.then, in_condition)
-            self.smooth(node.other, in_condition)
-            return
-        for child in _children(node):
-            self.smooth(child, in_condition)
+        stack: list[tuple[SpecExpr | Compare, bool]] = [(root, in_condition)]
+        while stack:
+            node, cond = stack.pop()
+            if isinstance(node, Call) and node.fn == "sign" and not cond and _mentions(node, "y"):
+                self.fail(node.loc, "sign has zero gradient almost everywhere; use smooth_sign")
+            if isinstance(node, IfElse):
+                stack.extend([(node.other, cond), (node.then, cond), (node.cond, True)])
+            else:
+                stack.extend((child, cond) for child in reversed(_children(node)))
 
     # ---- retention ------------------------------------------------------------------------------
 
@@ -635,8 +656,12 @@ def _children(node: SpecExpr | Compare) -> tuple[SpecExpr | Compare, ...]:
     return ()
 
 
-def _mentions(node: SpecExpr | Compare, name: str) -> bool:
-    """Whether the variable `name` occurs anywhere in the expression."""
-    if isinstance(node, Var):
-        return node.name == name
-    return any(_mentions(child, name) for child in _children(node))
+def _mentions(root: SpecExpr | Compare, name: str) -> bool:
+    """Whether the variable `name` occurs anywhere in the expression (a loop: chains may be long)."""
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, Var) and node.name == name:
+            return True
+        stack.extend(_children(node))
+    return False

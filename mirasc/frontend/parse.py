@@ -23,7 +23,18 @@ from .errors import SpecError, source_line
 STATEMENTS = ("heads", "key_dim", "value_dim", "conv", "qk_norm", "out_norm", "out_gate", "memory",
               "const", "param", "gate", "bias", "retention", "algorithm")
 _STATEMENT_TERMINALS = frozenset(s.upper() for s in STATEMENTS)
-MAX_DEPTH = 100  # how deeply bias expressions may nest (calls, operators, if/else)
+# How deeply bias expressions may nest (docs/language.md, "Limits").  A level is a function call, a
+# unary minus, either side of `^`, an if/else, or the right operand of + - * /; the left operand of
+# + - * / stays on its parent's level, so a flat chain `a + b + c + ...` is one level however long.
+# The derivation's time grows polynomially in this depth (a few seconds at the limit).
+MAX_DEPTH = 32
+# Parentheses may nest at most this deep, counted on the text before anything is parsed, and a spec has
+# at most MAX_TOKENS tokens: together they bound the parser's time (lark takes ~50 us a token) so that
+# absurd input is refused at once, with a place, instead of after seconds.
+MAX_PARENS = 2 * MAX_DEPTH
+MAX_TOKENS = 10_000
+_ARITHMETIC = frozenset({"+", "-", "*", "/"})
+_TOKEN = re.compile(r"#[^\n]*|[A-Za-z0-9_.]+|[^\sA-Za-z0-9_.#]")
 _OPERATORS = frozenset({"PLUS", "MINUS", "STAR", "SLASH", "CARET"})
 _EXPRESSION_START = frozenset({"NAME", "NUMBER", "LPAR"})
 
@@ -50,6 +61,7 @@ def parser() -> Lark:
 
 def parse(text: str, file: str = "<spec>") -> ast.Layer:
     """Parse spec text into its AST; raises SpecError on a syntax error, never a lark exception."""
+    _prescan(text, file)
     try:
         tree = parser().parse(text)
     except UnexpectedInput as exc:
@@ -58,6 +70,26 @@ def parse(text: str, file: str = "<spec>") -> ast.Layer:
         return _Builder(file, text).layer(tree.children[0])
     except RecursionError:  # _Builder limits nesting first; this is only a safety net
         raise SpecError("the spec is nested too deeply", file, 1, 1, source_line(text, 1)) from None
+
+
+def _prescan(text: str, file: str) -> None:
+    """Refuse too many tokens and too deep parentheses in one linear pass, before lark sees the text."""
+    depth = 0
+    for count, m in enumerate(_TOKEN.finditer(text), 1):
+        token = m.group()
+        if token.startswith("#"):
+            continue
+        if count > MAX_TOKENS:
+            line, col = _line_col(text, m.start())
+            raise _error(f"the spec is too long (more than {MAX_TOKENS} tokens)", text, file, line, col)
+        if token == "(":
+            depth += 1
+            if depth > MAX_PARENS:
+                line, col = _line_col(text, m.start())
+                raise _error(f"expression nested too deeply (parentheses more than {MAX_PARENS} levels "
+                             f"deep)", text, file, line, col)
+        elif token == ")":
+            depth = max(0, depth - 1)
 
 
 # ---- parse tree -> AST ---------------------------------------------------------------------------
@@ -136,12 +168,26 @@ class _Builder:
 
     def expr(self, tree: Tree, depth: int = 0) -> ast.Expr:
         if depth > MAX_DEPTH:
-            # Later stages (the checker, sympy) walk expressions recursively; refuse absurd nesting here,
-            # with a place, instead of letting a RecursionError out of some stage downstream.
+            # Later stages (the checker, sympy) walk expressions recursively and the derivation's time grows
+            # with the depth; refuse deep nesting here, with a place, before anything else walks it.
             loc = self.loc(tree)
-            raise SpecError(f"expression nested too deeply (more than {MAX_DEPTH} levels)", self.file,
-                            loc.line, loc.col, source_line(self.text, loc.line))
+            raise SpecError(f"expression nested too deeply (more than {MAX_DEPTH} levels of function calls, "
+                            f"operands and if/else)", self.file, loc.line, loc.col,
+                            source_line(self.text, loc.line))
         kind, kids = tree.data, tree.children
+        if kind == "binary" and str(kids[1]) in _ARITHMETIC:
+            # A left-associated chain: walk down its left operands in a loop (same level), so a chain of
+            # any length costs no recursion; every right operand is one level deeper.
+            spine = []
+            node = tree
+            while isinstance(node, Tree) and node.data == "binary" and str(node.children[1]) in _ARITHMETIC:
+                spine.append(node)
+                node = node.children[0]
+            built = self.expr(node, depth)
+            for link in reversed(spine):
+                _lhs, op, rhs = link.children
+                built = ast.BinOp(str(op), built, self.expr(rhs, depth + 1), self.loc(op))
+            return built
         depth += 1
         if kind == "number":
             return ast.Number(str(kids[0]), self.loc(kids[0]))
@@ -149,7 +195,7 @@ class _Builder:
             return self.name(kids[0])
         if kind == "neg":
             return ast.Neg(self.expr(kids[1], depth), self.loc(kids[0]))
-        if kind == "binary":
+        if kind == "binary":  # ^
             lhs, op, rhs = kids
             return ast.BinOp(str(op), self.expr(lhs, depth), self.expr(rhs, depth), self.loc(op))
         if kind == "call":

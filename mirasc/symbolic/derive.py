@@ -98,7 +98,7 @@ def clean(e: sp.Expr) -> sp.Expr:
     e = sp.sympify(e)
     if e.has(sp.DiracDelta):
         e = e.replace(lambda x: isinstance(x, sp.DiracDelta), lambda x: sp.S.Zero)
-    if e.has(sp.Piecewise) and len(e.atoms(sp.Piecewise)) <= 3:  # one where() instead of several
+    if e.has(sp.Piecewise) and len(e.atoms(sp.Piecewise)) <= 3 and at_most_nodes(e, 2000):  # one where() instead of several
         folded = sp.piecewise_fold(e)
         if sp.count_ops(folded) <= sp.count_ops(e):
             e = folded
@@ -122,7 +122,7 @@ def cancelled(e: sp.Expr, y: sp.Symbol, v: sp.Symbol) -> sp.Expr:
     """
     if isinstance(e, sp.Piecewise):
         return sp.Piecewise(*[(cancelled(a, y, v), c) for a, c in e.args])
-    if not e.is_Add or y not in e.free_symbols:
+    if not e.is_Add or y not in e.free_symbols or not _small_polynomial(e):
         return e
     err = sp.Dummy("e", real=True)
     num, den = sp.fraction(sp.together(e.xreplace({y: err + v})))
@@ -130,21 +130,186 @@ def cancelled(e: sp.Expr, y: sp.Symbol, v: sp.Symbol) -> sp.Expr:
     return cand if sp.count_ops(cand) < sp.count_ops(e) else e
 
 
+# Bounds on the work of the best-effort rewrites (cancelled, is_zero's proof): past them an expression
+# stays as it is, so a derivation costs time polynomial in the size of the bias (docs/language.md).
+CANCEL_MAX_OPS = 60
+CANCEL_MAX_DEGREE = 12
+SIMPLIFY_MAX_OPS = 80
+
+
+def _degree(e: sp.Expr) -> float:
+    """An upper bound on the polynomial degree that expanding e can reach (functions count 1)."""
+    if e.is_Atom:
+        return 0 if e.is_Number else 1
+    if e.is_Add:
+        return max(_degree(a) for a in e.args)
+    if e.is_Mul:
+        return sum(_degree(a) for a in e.args)
+    if e.is_Pow:
+        base, exp = e.args
+        if exp.is_Integer:
+            return abs(int(exp)) * _degree(base)
+        return _degree(base) + 1 if base.is_Atom else 1
+    return 1
+
+
+def at_most_nodes(e: sp.Basic, limit: int) -> bool:
+    """Whether e's tree has at most `limit` nodes; stops counting past the limit (count_ops does not)."""
+    for n, _ in enumerate(sp.preorder_traversal(e), 1):
+        if n > limit:
+            return False
+    return True
+
+
+def _small_polynomial(e: sp.Expr) -> bool:
+    """Whether together() and expand() of e are cheap: a small tree and a low expanded degree."""
+    return at_most_nodes(e, 2 * CANCEL_MAX_OPS) and _degree(e) <= CANCEL_MAX_DEGREE
+
+
 # ---- zero tests -----------------------------------------------------------------------------------
 
-def _sample(sym: sp.Symbol, rng: random.Random) -> sp.Expr:
+def _sample(sym: sp.Symbol, rng: random.Random) -> complex:
     if sym.is_integer:
-        return sp.Integer(rng.randint(1, 16))
+        return complex(rng.randint(1, 16))
     mag = 10 ** rng.uniform(-1.5, 1.3)
     if sym.name.startswith("S"):  # reductions: mostly sums of squares, keep them positive
-        return sp.Float(mag)
-    return sp.Float(mag if rng.random() < 0.5 else -mag)
+        return complex(mag)
+    return complex(mag if rng.random() < 0.5 else -mag)
+
+
+class _NoValue(Exception):
+    """The expression has no finite value at the point (or uses a function the evaluator lacks)."""
+
+
+def _real(x: complex) -> float:
+    if abs(x.imag) > 1e-12 * max(1.0, abs(x.real)):
+        raise _NoValue("a comparison of complex values")
+    return x.real
+
+
+def _sigmoid(x: complex) -> complex:
+    return 1 / (1 + cmath.exp(-x))
+
+
+def _softplus(x: complex) -> complex:
+    return cmath.log(1 + cmath.exp(x))
+
+
+def _sign(x: complex) -> complex:
+    r = _real(x)
+    return complex((r > 0) - (r < 0))
+
+
+_UNARY = {
+    "exp": cmath.exp, "log": cmath.log, "tanh": cmath.tanh, "sinh": cmath.sinh, "cosh": cmath.cosh,
+    "sin": cmath.sin, "cos": cmath.cos, "Abs": lambda x: complex(abs(x)), "sign": _sign,
+    "sigmoid": _sigmoid, "softplus": _softplus, "log1p": lambda x: cmath.log(1 + x),
+    "Heaviside": lambda x: complex(_real(x) > 0) if _real(x) != 0 else complex(0.5),
+    "DiracDelta": lambda x: 0j,
+}
+_RELATIONS = {
+    sp.StrictLessThan: lambda a, b: a < b, sp.LessThan: lambda a, b: a <= b,
+    sp.StrictGreaterThan: lambda a, b: a > b, sp.GreaterThan: lambda a, b: a >= b,
+}
+
+
+def evaluate(e: sp.Basic, point: dict[sp.Symbol, complex]) -> complex | bool:
+    """e at `point` in complex floating point; raises _NoValue where that fails.
+
+    Written against sympy's tree instead of calling evalf: mpmath evaluates exp(exp(exp(...))) to
+    arbitrary size and then never finishes, while a float overflows at once.  Every distinct node is
+    evaluated once (sympy shares equal subtrees), and without recursion, so nesting costs no stack.
+    """
+    done: dict[sp.Basic, complex | bool] = {}
+    stack: list[sp.Basic] = [e]
+    while stack:
+        node = stack[-1]
+        if node in done:
+            stack.pop()
+            continue
+        if isinstance(node, sp.Piecewise):
+            # only the branches up to the first true condition
+            pending = None
+            for value, cond in node.args:
+                if cond not in done:
+                    pending = cond
+                    break
+                if done[cond]:
+                    if value not in done:
+                        pending = value
+                    break
+            if pending is not None:
+                stack.append(pending)
+                continue
+            stack.pop()
+            for value, cond in node.args:
+                if done[cond]:
+                    done[node] = done[value]
+                    break
+            else:
+                raise _NoValue("no branch of a Piecewise applies")
+            continue
+        waiting = [a for a in node.args if a not in done]
+        if waiting and not node.is_Atom:
+            stack.extend(waiting)
+            continue
+        stack.pop()
+        done[node] = _node_value(node, [done[a] for a in node.args] if not node.is_Atom else [], point)
+    return done[e]
+
+
+def _node_value(node: sp.Basic, args: list, point: dict[sp.Symbol, complex]) -> complex | bool:
+    try:
+        if node.is_Symbol:
+            if node not in point:
+                raise _NoValue(f"no value for {node}")
+            return point[node]
+        if node is sp.true or node is sp.false:
+            return bool(node)
+        if node.is_Number or node.is_NumberSymbol:
+            if node.is_infinite or node is sp.nan or node is sp.zoo:
+                raise _NoValue("not a finite number")
+            return complex(node)
+        if node.is_Add:
+            return sum(args, 0j)
+        if node.is_Mul:
+            out = 1 + 0j
+            for a in args:
+                out *= a
+            return out
+        if node.is_Pow:
+            base, exponent = args
+            if exponent.imag == 0 and exponent.real.is_integer() and abs(exponent.real) <= 64:
+                return base ** int(exponent.real)
+            return base ** exponent
+        relation = _RELATIONS.get(type(node))
+        if relation is not None:
+            return relation(_real(args[0]), _real(args[1]))
+        if isinstance(node, sp.And):
+            return all(args)
+        if isinstance(node, sp.Or):
+            return any(args)
+        if isinstance(node, sp.Not):
+            return not args[0]
+        if isinstance(node, (sp.Min, sp.Max)):
+            reals = [_real(a) for a in args]
+            return complex(min(reals) if isinstance(node, sp.Min) else max(reals))
+        fn = _UNARY.get(type(node).__name__)
+        if fn is not None and len(args) == 1:
+            return fn(args[0])
+    except (OverflowError, ZeroDivisionError, ValueError) as exc:
+        raise _NoValue(str(exc)) from None
+    raise _NoValue(f"cannot evaluate {type(node).__name__}")
 
 
 def is_zero(e: sp.Expr, trials: int = 10) -> bool:
-    """True only when e is proved identically zero; refutes quickly by evaluation at fixed points."""
+    """True only when e is proved identically zero; refutes quickly by evaluation at fixed points.
+
+    The proof (sympy.simplify) is tried only on small expressions: its time grows without bound in the
+    size, and an unproved zero only costs speed (the nonlinear class is always correct).
+    """
     e = sp.sympify(e)
-    if e.is_zero:
+    if e == 0:
         return True
     if e.is_Number:
         return False
@@ -153,13 +318,15 @@ def is_zero(e: sp.Expr, trials: int = 10) -> bool:
     for _ in range(trials):
         point = {s: _sample(s, rng) for s in syms}
         try:
-            val = complex(e.xreplace(point).evalf())
-        except (TypeError, ValueError, ZeroDivisionError):
+            val = evaluate(e, point)
+        except _NoValue:
             continue
-        if cmath.isnan(val):
+        if isinstance(val, bool) or cmath.isnan(val) or cmath.isinf(val):
             continue
         if abs(val) > 1e-9:
             return False
+    if not at_most_nodes(e, 2 * SIMPLIFY_MAX_OPS):
+        return False
     try:
         return sp.simplify(e) == 0
     except Exception:  # noqa: BLE001 - simplify is best effort; unproved means nonzero

@@ -10,10 +10,13 @@ from sympy.printing.precedence import precedence
 from sympy.printing.str import StrPrinter
 
 from ..ir import LayerIR, Operand
+from .derive import at_most_nodes
 
 
 class MathPrinter(StrPrinter):
     """sympy -> readable math: x^2, sqrt(x), (a if c else b), H(x) for the Heaviside step."""
+
+    _default_settings = {**StrPrinter._default_settings, "rename": {}}
 
     def _print_Pow(self, expr, rational=False):
         if expr.exp == sp.S.Half:
@@ -39,16 +42,28 @@ class MathPrinter(StrPrinter):
     def _print_Heaviside(self, expr):
         return f"H({self._print(expr.args[0])})"
 
+    def _print_Symbol(self, expr):
+        renamed = self._settings["rename"].get(expr)
+        return super()._print_Symbol(renamed if renamed is not None else expr)
+
 
 _PRINTER = MathPrinter({"order": "none"})
+FACTOR_MAX_OPS = 400  # factor_terms on larger expressions costs more than its nicer print is worth
 
 
 def math_str(e, coordinate: dict | None = None) -> str:
-    """Print e; `coordinate` renames symbols (e.g. y -> y_j) before printing."""
-    e = sp.factor_terms(sp.sympify(e))  # 2*(y - v) rather than -2*v + 2*y
-    if coordinate:
-        e = e.xreplace(coordinate)
-    return _PRINTER.doprint(e)
+    """Print e; `coordinate` renames symbols (e.g. y -> y_j) as they are printed.
+
+    The renaming happens in the printer rather than by substitution: rebuilding the expression with
+    assumption-free symbols makes sympy re-ask every function's assumptions, which for nested
+    functions (tanh(tanh(...))) costs time exponential in the depth.
+    """
+    e = sp.sympify(e)
+    if at_most_nodes(e, 2 * FACTOR_MAX_OPS):
+        e = sp.factor_terms(e)  # 2*(y - v) rather than -2*v + 2*y
+    if not coordinate:
+        return _PRINTER.doprint(e)
+    return MathPrinter({"order": "none", "rename": dict(coordinate)}).doprint(e)
 
 
 def _coord_map(bias, index: str = "j") -> dict:

@@ -312,6 +312,7 @@ def _fn_table(st: SymbolTable) -> dict[str, Callable[..., sp.Expr]]:
     }
 
 
+_CHAIN = frozenset({"+", "-", "*", "/"})
 _COMPARE = {"<": sp.StrictLessThan, "<=": sp.LessThan, ">": sp.StrictGreaterThan, ">=": sp.GreaterThan}
 _BINARY = {
     "+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
@@ -346,6 +347,23 @@ def user_bias(expr, st: SymbolTable, loc: Loc = NOLOC) -> Objective:
             return p.symbol
         if isinstance(node, Unary):
             return -conv(node.arg, inside)
+        if isinstance(node, Binary) and node.op in _CHAIN:
+            # a left-associated chain in a loop, its terms collected into one Add/Mul where possible:
+            # its length costs no recursion, and n terms cost O(n) rather than n re-flattenings
+            links = []
+            while isinstance(node, Binary) and node.op in _CHAIN:
+                links.append(node)
+                node = node.lhs
+            terms = [conv(node, inside)]
+            kind = "+"
+            for link in reversed(links):
+                rhs = conv(link.rhs, inside)
+                op_kind = "+" if link.op in "+-" else "*"
+                if op_kind != kind:
+                    terms = [sp.Add(*terms) if kind == "+" else sp.Mul(*terms)]
+                    kind = op_kind
+                terms.append(-rhs if link.op == "-" else 1 / rhs if link.op == "/" else rhs)
+            return sp.Add(*terms) if kind == "+" else sp.Mul(*terms)
         if isinstance(node, Binary):
             return _BINARY[node.op](conv(node.lhs, inside), conv(node.rhs, inside))
         if isinstance(node, Call):
@@ -397,6 +415,18 @@ def expr_text(node) -> str:
         if isinstance(n, Unary):
             s = "-" + go(n.arg, _PREC["neg"])
             return f"({s})" if parent >= _PREC["neg"] else s
+        if isinstance(n, Binary) and n.op != "^":
+            # a left-associated chain in a loop (its length costs no recursion)
+            links = []
+            while isinstance(n, Binary) and n.op != "^" and _PREC[n.op] == _PREC[links[-1].op if links else n.op]:
+                links.append(n)
+                n = n.lhs
+            p = _PREC[links[0].op]
+            s = go(n, p)
+            for link in reversed(links):
+                s = f"{s} {link.op} {go(link.rhs, p, right=True)}"
+            needs = parent > p or (parent == p and right)
+            return f"({s})" if needs else s
         if isinstance(n, Binary):
             p = _PREC[n.op]
             if n.op == "^":  # right-associative
