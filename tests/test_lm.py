@@ -279,3 +279,25 @@ def test_generate_command_prints_the_greedy_continuation(tmp_path, capsys):
     out = capsys.readouterr()
     assert out.out == (prompt + text).decode("utf-8", errors="replace") + "\n"
     assert "checkpoint-10" in out.err and "ms/token" in out.err
+
+
+def test_cache_continues_by_several_tokens_at_once():
+    """Prefill a padded batch, then feed 6 tokens per row in one call: each row's logits equal one forward
+    over its real prompt and the new tokens (chunks of 4 cross the call boundary at different places)."""
+    from mirasc.lm.model import output_cache
+
+    model = make_model(**CASES["moneta_c4_hybrid_window"])
+    gen = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(1, 256, (1, n), generator=gen) for n in (3, 6, 9)]
+    ids, mask = left_pad(prompts)
+    more = torch.randint(1, 256, (3, 6), generator=gen)
+    with torch.no_grad():
+        first = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        cache = output_cache(first)
+        assert cache.get_seq_length() == ids.shape[1]
+        second = model(input_ids=more, cache=cache)
+        for b, p in enumerate(prompts):
+            whole = model(input_ids=torch.cat([p, more[b:b + 1]], 1)).logits[0]
+            n = p.shape[1]
+            torch.testing.assert_close(first.logits[b, -n:], whole[:n], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(second.logits[b], whole[n:], atol=1e-4, rtol=1e-4)
