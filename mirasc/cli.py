@@ -7,11 +7,26 @@ import time
 from pathlib import Path
 
 
+class CliError(Exception):
+    """A failure outside any spec text (a file that cannot be read or written): `mirasc: ...`, exit 1."""
+
+
 def _read(path: str) -> str:
+    """The spec text at `path`; an unreadable file is a CliError, bytes that are not UTF-8 a SpecError."""
+    from .frontend.errors import SpecError, source_line
+
     try:
-        return Path(path).read_text(encoding="utf-8")
+        data = Path(path).read_bytes()
     except OSError as exc:
-        raise SystemExit(f"mirasc: cannot read {path}: {exc.strerror}") from None
+        raise CliError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        shown = source_line(data.decode("utf-8", errors="replace"), line)
+        raise SpecError(f"the file is not UTF-8 text (byte 0x{data[exc.start]:02x})", path, line, col,
+                        shown) from None
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -21,7 +36,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         compiled = compile_spec(_read(path), path)
         out = Path(args.output) / f"{compiled.stem}.py"
-        _write_atomic(out, compiled.source)
+        try:
+            _write_atomic(out, compiled.source)
+        except OSError as exc:
+            raise CliError(f"cannot write {out}: {exc.strerror or exc}") from None
         print(f"{path} -> {out}  ({compiled.ir.name}, {compiled.ir.bias.klass} bias, "
               f"{time.perf_counter() - start:.2f} s)")
     return 0
@@ -122,14 +140,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every failure prints one located line (or `mirasc: ...`) and returns 1.
+
+    A failure that is a bug in mirasc prints `mirasc: internal error: ...` instead of a traceback;
+    MIRASC_TRACEBACK=1 lets the exception through for debugging.
+    """
+    import os
+
     from .frontend.errors import SpecError
+    from .symbolic.objectives import DeriveError
 
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except SpecError as err:
         print(err, file=sys.stderr)
-        return 1
+    except CliError as err:
+        print(f"mirasc: {err}", file=sys.stderr)
+    except DeriveError as err:  # the checker should refuse what derive cannot do; still a located line
+        print(f"{err.loc}: error: {err.message}" if err.loc.line else f"mirasc: {err.message}", file=sys.stderr)
+    except Exception as err:  # the promise is one line, never a traceback
+        if os.environ.get("MIRASC_TRACEBACK"):
+            raise
+        text = " ".join(str(err).split())[:300]
+        print(f"mirasc: internal error: {type(err).__name__}: {text}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -36,20 +36,48 @@ class SpecError(Exception):
         return Loc(self.file, self.line, self.col)
 
     def format(self) -> str:
-        """`file:line:col: error: message`, then the source line and a caret under the column."""
-        head = f"{self.file}:{self.line}:{self.col}: error: {self.message}"
+        """`file:line:col: error: message`, then the source line and a caret under the column.
+
+        The shown line is clipped to a window around the caret (a minified or garbage line can be
+        thousands of characters) and control characters show as '?', so the report stays three lines.
+        """
+        message = _clip_middle(" ".join(self.message.split()), MAX_MESSAGE)
+        head = f"{_printable(self.file)}:{self.line}:{self.col}: error: {message}"
         if self.line <= 0 or not self.source_line.strip():
             return head
-        text = self.source_line.rstrip("\r\n")
+        text = _printable(self.source_line.rstrip("\r\n"), keep_tabs=True)
+        col = max(1, self.col)
+        if len(text) > MAX_SHOWN:
+            start = max(0, min(col - 1 - MAX_SHOWN // 2, len(text) - MAX_SHOWN))
+            end = start + MAX_SHOWN
+            prefix, suffix = ("..." if start else ""), ("..." if end < len(text) else "")
+            text = prefix + text[start:end] + suffix
+            col = col - start + len(prefix)
         stripped = text.lstrip()
         indent = len(text) - len(stripped)
         # Keep tabs in the padding so the caret lines up in a terminal however wide a tab is.
-        before = stripped[: max(0, self.col - 1 - indent)]
+        before = stripped[: max(0, col - 1 - indent)]
         pad = "".join("\t" if ch == "\t" else " " for ch in before)
         return f"{head}\n    {stripped}\n    {pad}^"
 
     def __str__(self) -> str:
         return self.format()
+
+
+MAX_SHOWN = 120  # characters of the source line shown around the caret
+MAX_MESSAGE = 400  # a message quoting a huge name is cut in the middle
+
+
+def _printable(text: str, keep_tabs: bool = False) -> str:
+    """Control and other unprintable characters as '?', one for one (the caret column stays right)."""
+    return "".join(ch if ch.isprintable() or (keep_tabs and ch == "\t") else "?" for ch in text)
+
+
+def _clip_middle(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    half = (limit - 5) // 2
+    return f"{text[:half]} ... {text[-half:]}"
 
 
 def source_line(source: str, line: int) -> str:

@@ -5,6 +5,8 @@ comments of the printed bias functions.  Plain ASCII text, one fact per line.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import sympy as sp
 from sympy.printing.precedence import precedence
 from sympy.printing.str import StrPrinter
@@ -16,7 +18,7 @@ from .derive import at_most_nodes
 class MathPrinter(StrPrinter):
     """sympy -> readable math: x^2, sqrt(x), (a if c else b), H(x) for the Heaviside step."""
 
-    _default_settings = {**StrPrinter._default_settings, "rename": {}}
+    _default_settings: ClassVar[dict] = {**StrPrinter._default_settings, "rename": {}}
 
     def _print_Pow(self, expr, rational=False):
         if expr.exp == sp.S.Half:

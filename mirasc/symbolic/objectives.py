@@ -35,6 +35,7 @@ class DeriveError(ValueError):
 
     def __init__(self, message: str, loc: Loc = NOLOC):
         self.loc = loc
+        self.message = message
         super().__init__(f"{loc}: {message}" if loc != NOLOC else message)
 
 
