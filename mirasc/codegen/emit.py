@@ -331,7 +331,9 @@ def _context(ir: LayerIR, version: str) -> dict:
     rule = (ir.rule or "(no rule text)").replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
     return {
         "name": ir.name,
-        "source_file": ir.source_file,
+        # the spec's path enters generated code only as an escaped literal: repr() escapes newlines and
+        # control characters, the escaped double quotes cannot close the docstring it is printed in
+        "source_file": repr(str(ir.source_file)).replace('"', '\\"'),
         "source_hash": ir.source_hash,
         "version": version,
         "rule": "\n".join(_wrap_text(rule, "    ")),
