@@ -13,20 +13,12 @@ class CliError(Exception):
 
 def _read(path: str) -> str:
     """The spec text at `path`; an unreadable file is a CliError, bytes that are not UTF-8 a SpecError."""
-    from .frontend.errors import SpecError, source_line
+    from .frontend import read_spec_text
 
     try:
-        data = Path(path).read_bytes()
+        return read_spec_text(path)
     except OSError as exc:
         raise CliError(f"cannot read {path}: {exc.strerror or exc}") from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
-        shown = source_line(data.decode("utf-8", errors="replace"), line)
-        raise SpecError(f"the file is not UTF-8 text (byte 0x{data[exc.start]:02x})", path, line, col,
-                        shown) from None
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
