@@ -207,10 +207,10 @@ def test_resume_continues_exactly(corpus, tmp_path):
 def test_loss_falls(corpus, tmp_path):
     from mirasc.train import train
 
-    run = train(SPEC, **TINY, data=str(corpus), steps=40, batch_size=4, lr=1e-2, eval_every=0,
+    run = train(SPEC, **TINY, data=str(corpus), steps=30, batch_size=4, lr=1e-2, eval_every=0,
                 out=str(tmp_path / "run"))
     losses = [r["loss"] for r in _metrics(run) if "loss" in r]
-    assert len(losses) == 40 and all(math.isfinite(x) for x in losses)
+    assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
     summary = json.loads((run / "summary.json").read_text())
     assert summary["val_bpb"] < summary["unigram_entropy"]
@@ -235,34 +235,56 @@ def _cli_args(corpus: Path, out: Path, **extra) -> list[str]:
     for key, value in opts.items():
         if key == "progress":
             args.append("--no-progress")
+        elif value == "":
+            args.append(f"--{key}")
         else:
             args += [f"--{key.replace('_', '-')}", str(value)]
     return args
 
 
-def test_two_processes_equal_one_and_resume_on_one(corpus, tmp_path):
-    from mirasc.train import train
+@pytest.fixture(scope="module")
+def ddp_run(corpus, tmp_path_factory) -> Path:
+    """6 steps in 2 processes (DDP over gloo), batch 2 per process, checkpoints at 3 and 6."""
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    proc = _torchrun(2, _cli_args(corpus, out, batch_size=2), out.parent)
+    assert "2 processes on cpu, DDP" in proc.stdout
+    return out
 
-    two = tmp_path / "two"
-    proc = _torchrun(2, _cli_args(corpus, two, batch_size=2), tmp_path)
-    assert "2 processes" in proc.stdout
-    one = train(SPEC, **TINY, data=str(corpus), steps=6, eval_every=3, save_every=3, batch_size=4,
-                out=str(tmp_path / "one"))
-    a, b = _metrics(two), _metrics(one)
+
+def _same_curve(a: list[dict], b: list[dict]) -> None:
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for ra, rb in zip(a, b):
         for key in ("loss", "val_loss"):
             if key in ra:
                 assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6), (key, ra, rb)
-    wa, wb = _weights(two), _weights(one)
+
+
+def test_two_processes_equal_one_and_resume_on_one(corpus, ddp_run, tmp_path):
+    from mirasc.train import train
+
+    one = train(SPEC, **TINY, data=str(corpus), steps=6, eval_every=3, save_every=3, batch_size=4,
+                out=str(tmp_path / "one"))
+    _same_curve(_metrics(ddp_run), _metrics(one))
+    wa, wb = _weights(ddp_run), _weights(one)
+    assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)
     # the 2-process checkpoint resumes in one process (batch 2 x 2 processes -> batch 4)
-    resumed = train(resume=two / "checkpoint-3", out=str(tmp_path / "resumed"))
+    resumed = train(resume=ddp_run / "checkpoint-3", out=str(tmp_path / "resumed"))
     assert json.loads((resumed / "train_config.json").read_text())["batch_size"] == 4
-    c = _metrics(resumed)
-    assert [r["step"] for r in c] == [r["step"] for r in a]
-    for ra, rc in zip(a, c):
-        for key in ("loss", "val_loss"):
-            if key in ra:
-                assert ra[key] == pytest.approx(rc[key], rel=1e-5, abs=1e-6), (key, ra, rc)
+    _same_curve(_metrics(ddp_run), _metrics(resumed))
+
+
+def test_fsdp_equals_ddp_and_resumes_on_one(corpus, ddp_run, tmp_path):
+    from mirasc.train import train
+
+    fsdp = tmp_path / "fsdp"
+    proc = _torchrun(2, _cli_args(corpus, fsdp, batch_size=2, fsdp=""), tmp_path)
+    assert "FSDP2" in proc.stdout
+    _same_curve(_metrics(ddp_run), _metrics(fsdp))
+    wa, wb = _weights(ddp_run), _weights(fsdp)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)
+    resumed = train(resume=fsdp / "checkpoint-3", out=str(tmp_path / "resumed"))
+    _same_curve(_metrics(fsdp), _metrics(resumed))

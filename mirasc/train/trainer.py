@@ -164,22 +164,15 @@ def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
 
 
 def build_model(cfg: TrainConfig, vocab_size: int) -> torch.nn.Module:
-    """MirascForCausalLM for the config (seeded, so every rank starts from the same weights)."""
+    """MirascForCausalLM for the config; None fields keep the LM's (or the spec's) defaults."""
+    from mirasc.lm import MirascConfig, MirascForCausalLM
 
-    try:
-        from mirasc.lm import MirascConfig, MirascForCausalLM
-    except ImportError:   # the package's own exports are not there yet
-        from mirasc.lm.config import MirascConfig
-        from mirasc.lm.model import MirascForCausalLM
-
-    kwargs = {"spec": cfg.spec, "spec_file": cfg.spec_file, "vocab_size": vocab_size, "hidden_size": cfg.d_model,
-                  "num_hidden_layers": cfg.layers, "backend": cfg.backend, "attn_every": cfg.attn_every,
-                  "tie_word_embeddings": cfg.tie_embeddings}
-    for key, name in (("heads", "heads"), ("head_dim", "head_dim"), ("chunk_size", "chunk_size"),
-                      ("intermediate_size", "intermediate_size"), ("attn_window", "attn_window"),
-                      ("attn_heads", "attn_heads")):
+    kwargs = {"spec": cfg.spec, "spec_file": cfg.spec_file, "vocab_size": vocab_size,
+              "hidden_size": cfg.d_model, "num_hidden_layers": cfg.layers, "backend": cfg.backend,
+              "attn_every": cfg.attn_every, "tie_word_embeddings": cfg.tie_embeddings}
+    for key in ("heads", "head_dim", "chunk_size", "intermediate_size", "attn_window", "attn_heads"):
         if getattr(cfg, key) is not None:
-            kwargs[name] = getattr(cfg, key)
+            kwargs[key] = getattr(cfg, key)
     return MirascForCausalLM(MirascConfig(**kwargs))
 
 
@@ -247,6 +240,12 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, cfg: T
 
     opts = StateDictOptions(**_FULL)
     model_sd = get_model_state_dict(model, options=opts)
+    # a tied weight is stored once, under its first name (gathered copies no longer share storage)
+    seen: set[int] = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            model_sd.pop(name, None)
+        seen.add(id(p))
     optim_sd = get_optimizer_state_dict(model, optimizer, options=opts)
     if dd.main:
         from transformers.utils import logging as hf_logging
@@ -256,8 +255,6 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, cfg: T
         tmp.mkdir(parents=True)
         hf_logging.disable_progress_bar()
         try:
-            # the gathered tensors are copies; tied ones are written once (save_pretrained drops the
-            # lm_head when the config ties it)
             model.save_pretrained(tmp, state_dict=model_sd, safe_serialization=True)
         finally:
             hf_logging.enable_progress_bar()
@@ -318,7 +315,8 @@ def find_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if (path / STATE_FILE).exists():
         return path
-    found = [p for p in path.glob("checkpoint-*") if (p / STATE_FILE).exists() and not p.name.endswith(".tmp")]
+    found = [p for p in path.glob("checkpoint-*")
+             if (p / STATE_FILE).exists() and not p.name.endswith(".tmp")]
     if not found:
         raise FileNotFoundError(f"no checkpoint in {path}")
     return max(found, key=lambda p: int(p.name.split("-")[-1]))
@@ -414,7 +412,8 @@ def _all_sum(values: list[float], dd: Dist, device: torch.device) -> list[float]
 
 
 @torch.no_grad()
-def evaluate(model, batches, device, cfg: TrainConfig, dd: Dist, bytes_per_token: float) -> tuple[float, float]:
+def evaluate(model, batches, device, cfg: TrainConfig, dd: Dist,
+             bytes_per_token: float) -> tuple[float, float]:
     """(mean loss in nats per predicted token, bits per byte) over the validation batches of all ranks."""
     model.eval()
     nats, count = 0.0, 0
@@ -520,9 +519,10 @@ def _train(cfg: TrainConfig, dd: Dist, model_fn, checkpoint: Path | None, explic
     model = (model_fn or build_model)(cfg, tokenizer.vocab_size)
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
+    if cfg.fsdp and dd.world == 1:   # e.g. an FSDP run's checkpoint resumed in one process
+        _say(dd, "one process: FSDP is not used")
+        cfg = dataclasses.replace(cfg, fsdp=False)
     if cfg.fsdp:
-        if dd.world == 1:
-            raise ValueError("--fsdp needs torchrun with more than one process")
         _shard(model)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), eps=1e-8,
@@ -650,5 +650,6 @@ def _train(cfg: TrainConfig, dd: Dist, model_fn, checkpoint: Path | None, explic
         verdict = "below" if val_bpb < entropy else "NOT below"
         _say(dd, f"final validation: {val_bpb:.3f} bits per byte, {verdict} the unigram entropy "
                  f"{entropy:.3f} ({val_bpb - entropy:+.3f})")
-    _say(dd, f"{tok_s:,.0f} tokens/s over {train_time:.1f} s of training, {wall:.1f} s in all; run folder {out}")
+    _say(dd, f"{tok_s:,.0f} tokens/s over {train_time:.1f} s of training, {wall:.1f} s in all; "
+             f"run folder {out}")
     return out
