@@ -89,6 +89,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evals.cli import cmd_eval as run
+
+    return run(args)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .evals.cli import cmd_compare as run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -128,6 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.set_defaults(run=cmd_generate)
+    from .evals.cli import add_compare_arguments, add_eval_arguments
+
+    p = sub.add_parser("eval", help="evaluate a trained run: bpb, bpb by position, chunk sizes, MQAR, passkey "
+                                    "(docs/evals.md)")
+    add_eval_arguments(p)
+    p.set_defaults(run=cmd_eval)
+    p = sub.add_parser("compare", help="train specs and a softmax-attention baseline under one budget; "
+                                       "write a report folder (docs/evals.md)")
+    add_compare_arguments(p)
+    p.set_defaults(run=cmd_compare)
     return parser
 
 
