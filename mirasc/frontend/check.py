@@ -434,7 +434,23 @@ class _Checker:
                                   "never learns")
         self.scalar(tree, inside=False)
         self.smooth(tree, in_condition=False)
+        self.derivable(tree, stmt.start)
         return BiasSpec(name=None, expr=tree, loc=stmt.start)
+
+    def derivable(self, tree: SpecExpr, start: Loc) -> None:
+        """The bias as sympy (no derivatives yet): what cancels there, e.g. sum(y - y), no longer depends
+        on y, and the derivation would refuse it; refuse it here so that every checked spec compiles."""
+        from mirasc.symbolic.objectives import DeriveError, make_symbols, user_bias
+
+        try:
+            user_bias(tree, make_symbols(tuple(self.params.values())), start)
+        except DeriveError as err:
+            loc = err.loc if err.loc.line > 0 else start
+            message = err.message
+            if "does not depend on y" in message:
+                message = ("the bias does not depend on y once simplified (its terms in y cancel), so its "
+                           "gradient is zero and the memory never learns")
+            self.fail(loc, message)
 
     def library_bias(self, named: ast.Named, head: ast.Name) -> BiasSpec:
         entry = catalog.BIASES[head.text]

@@ -134,7 +134,7 @@ def cancelled(e: sp.Expr, y: sp.Symbol, v: sp.Symbol) -> sp.Expr:
 # stays as it is, so a derivation costs time polynomial in the size of the bias (docs/language.md).
 CANCEL_MAX_OPS = 60
 CANCEL_MAX_DEGREE = 12
-SIMPLIFY_MAX_OPS = 80
+SIMPLIFY_MAX_OPS = 30
 
 
 def _degree(e: sp.Expr) -> float:
