@@ -89,11 +89,12 @@ def left_pad(prompts):
     return ids, mask
 
 
-@pytest.mark.parametrize("case", ["moneta_c4", "moneta_c4_hybrid_window"])
+@pytest.mark.parametrize("case", ["gdn", "moneta_c4", "moneta_c4_hybrid_window"])
 def test_batched_left_padded_prompts_equal_each_prompt_alone(case):
     model = make_model(**CASES[case])
     gen = torch.Generator().manual_seed(2)
-    lengths = [5, 10, 7, 9]  # positions 1, 2, 3, 1 in chunks of 4: rows {0, 3}, {1}, {2}
+    # positions 1, 2, 3, 1 in chunks of 4: rows {0, 3}, {1}, {2}; chunk 1: one group, rows out of order
+    lengths = [5, 10, 7, 9]
     prompts = [torch.randint(1, 256, (1, n), generator=gen) for n in lengths]
     ids, mask = left_pad(prompts)
     T = ids.shape[1]

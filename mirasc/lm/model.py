@@ -22,7 +22,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .cache import MirascCache, memory_pos, tree_cat
+from .cache import MirascCache, memory_pos, tree_cat, tree_index
 from .config import MirascConfig
 
 IGNORE = -100
@@ -193,7 +193,7 @@ class MirascDecoderLayer(GradientCheckpointingLayer):
         r = self.mixer_norm(h)
         if self.kind == "memory":
             states = cache.memory[layer_idx]
-            if len(cache.groups) == 1:
+            if len(cache.groups) == 1:  # one group holds every row, in order
                 y, states[0] = self.mixer(r, states[0])
             else:
                 y = torch.empty_like(h)
@@ -305,11 +305,16 @@ class MirascModel(MirascPreTrainedModel):
             if len(poss) > 1:
                 raise RuntimeError(f"memory layers disagree on the chunk position: {poss}")
             by_pos.setdefault(poss.pop() if poss else 0, []).append((rows, states))
+        orders = []  # each group's rows ascending (a group of all rows is then 0..B-1, the batch as it is)
         for members in by_pos.values():
-            cache.groups.append(torch.cat([rows for rows, _ in members]))
+            rows = torch.cat([rows for rows, _ in members])
+            rows, order = rows.sort()
+            cache.groups.append(rows)
+            orders.append(order)
         for i, kind in enumerate(config.mixer_types):
             if kind == "memory":
-                cache.memory[i] = [tree_cat([states[i] for _, states in members]) for members in by_pos.values()]
+                cache.memory[i] = [tree_index(tree_cat([states[i] for _, states in members]), order)
+                                   for members, order in zip(by_pos.values(), orders)]
             else:
                 k0, v0 = runs[0][2][i]
                 keys = k0.new_zeros(B, k0.shape[1], S, k0.shape[3])
