@@ -138,12 +138,12 @@ class MirascAttention(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=_window_mask(pos, pos, self.window))
         return self._out(o), (k, v)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None):
-        """Fresh sequences -> (y, (k, v)); with cu_seqlens each packed document is attended on its own
-        (positions restart at 0), so no token sees another document; (k, v) is then None."""
-        if cu_seqlens is None:
+    def forward(self, x: torch.Tensor, bounds: list[int] | None = None):
+        """Fresh sequences -> (y, (k, v)); with bounds (cu_seqlens as a list) each packed document is
+        attended on its own (positions restart at 0), so no token sees another; (k, v) is then None."""
+        if bounds is None:
             return self._one(x)
-        ys = [self._one(x[:, a:b])[0] for a, b in pairwise(cu_seqlens.tolist())]
+        ys = [self._one(x[:, a:b])[0] for a, b in pairwise(bounds)]
         return torch.cat(ys, 1), None
 
     def forward_cached(self, x: torch.Tensor, cache: MirascCache, layer_idx: int, pos: torch.Tensor,
@@ -172,18 +172,20 @@ class MirascDecoderLayer(GradientCheckpointingLayer):
         self.mlp_norm = MirascRMSNorm(d, config.rms_norm_eps)
         self.mlp = MirascMLP(d, config.intermediate_size)
 
-    def _memory(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None):
+    def _memory(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None, bounds: list[int] | None):
         if cu_seqlens is None:
             return self.mixer(x)
         if self._block_packs:
             return self.mixer(x, cu_seqlens=cu_seqlens)
         # a block compiled before packed forwards existed: one fresh call per document
-        return torch.cat([self.mixer(x[:, a:b])[0] for a, b in pairwise(cu_seqlens.tolist())], 1), None
+        bounds = bounds if bounds is not None else cu_seqlens.tolist()
+        return torch.cat([self.mixer(x[:, a:b])[0] for a, b in pairwise(bounds)], 1), None
 
-    def forward(self, h: torch.Tensor, cu_seqlens: torch.Tensor | None = None):
-        """Fresh sequences -> (h, state): a LayerState for memory layers, (k, v) for attention."""
+    def forward(self, h: torch.Tensor, cu_seqlens: torch.Tensor | None = None, bounds: list[int] | None = None):
+        """Fresh sequences -> (h, state): a LayerState for memory layers, (k, v) for attention. Packed
+        documents come as cu_seqlens and, read once on the host, as the list bounds."""
         r = self.mixer_norm(h)
-        y, state = self._memory(r, cu_seqlens) if self.kind == "memory" else self.mixer(r, cu_seqlens)
+        y, state = self._memory(r, cu_seqlens, bounds) if self.kind == "memory" else self.mixer(r, bounds)
         h = h + y
         return h + self.mlp(self.mlp_norm(h)), state
 
@@ -256,8 +258,10 @@ class MirascModel(MirascPreTrainedModel):
         """Every row (or packed document) from a fresh state -> (h before the final norm, per-layer states)."""
         h = self.embed_tokens(ids)
         states = []
+        # attention runs one call per document: read the offsets on the host once, not in every layer
+        bounds = cu_seqlens.tolist() if cu_seqlens is not None and "attention" in self.config.mixer_types else None
         for layer in self.layers:
-            h, state = layer(h, cu_seqlens)
+            h, state = layer(h, cu_seqlens, bounds)
             states.append(state)
         return h, states
 
