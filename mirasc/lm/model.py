@@ -414,6 +414,7 @@ class MirascForCausalLM(MirascPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = MirascModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head._mirasc_init = True  # initialised like the embedding when not tied to it
         self.post_init()
 
     def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
