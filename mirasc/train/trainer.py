@@ -360,6 +360,7 @@ def plot_curves(out: Path, entropy: float | None = None, title: str = "") -> Pat
     train = [r for r in rows if "bpb" in r]
     val = [r for r in rows if "val_bpb" in r]
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    fig.subplots_adjust(left=0.09, right=0.97, bottom=0.11, top=0.93)   # fixed margins: no layout pass
     if train:
         x = [r["tokens"] for r in train]
         y = [r["bpb"] for r in train]
@@ -383,7 +384,6 @@ def plot_curves(out: Path, entropy: float | None = None, title: str = "") -> Pat
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
     path = out / CURVES_FILE
     fig.savefig(path.with_suffix(".tmp.png"))
     plt.close(fig)
