@@ -129,6 +129,27 @@ def test_packing_marks_documents_and_rows():
     assert batch.n_targets == 24 - 5
 
 
+def test_tokenizer_file(corpus, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from mirasc.train.data import make_tokenizer
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train([str(p) for p in sorted(corpus.iterdir())], trainers.BpeTrainer(vocab_size=120,
+                                                                              special_tokens=["[UNK]"]))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    tokenizer = make_tokenizer(tmp_path / "tokenizer.json")
+    assert tokenizer.vocab_size == tok.get_vocab_size()
+    docs, _ = load_documents(corpus)
+    stream = PackedStream(docs, tokenizer, seq_len=16, shuffle=False)
+    assert stream.n_bytes == sum(len(d.data) for d in docs)
+    assert stream.bytes_per_token > 1.5          # merged words: fewer tokens than bytes
+    tokens, _ = stream.row(0)
+    assert int(tokens.max()) < tokenizer.vocab_size
+    assert tokens.tolist() == tok.encode(docs[0].data.decode()).ids[:16]
+
+
 def test_data_order_follows_seed_and_step_and_ranks_split_the_global_batch():
     docs = [Document(f"d{i}", bytes([i]) * (10 + i)) for i in range(30)]
     a = TrainData(PackedStream(docs, ByteTokenizer(), 16, seed=3), global_rows=4)
@@ -181,7 +202,7 @@ def test_run_folder_checkpoint_and_curves(corpus, tmp_path):
     _, val_docs = split_documents(docs, 0.2)
     val_stream = PackedStream(val_docs, ByteTokenizer(), 64, shuffle=False)
     cfg = mirasc.train.make_config(SPEC, **TINY)
-    loss, bpb = evaluate(model, validation_batches(val_stream, 2, cfg.eval_batches), torch.device("cpu"),
+    loss, bpb = evaluate(model, validation_batches(val_stream, 2, 2 * cfg.eval_batches), torch.device("cpu"),
                          cfg, Dist(), val_stream.bytes_per_token)
     assert loss == pytest.approx(val_rows[-1]["val_loss"], rel=1e-5)
     assert bpb == pytest.approx(val_rows[-1]["val_bpb"], rel=1e-5)
@@ -262,14 +283,15 @@ def _same_curve(a: list[dict], b: list[dict]) -> None:
 def test_two_processes_equal_one_and_resume_on_one(corpus, ddp_run, tmp_path):
     from mirasc.train import train
 
-    one = train(SPEC, **TINY, data=str(corpus), steps=6, eval_every=3, save_every=3, batch_size=4,
-                out=str(tmp_path / "one"))
+    # one process reads the same global batch of 4 rows as 2 micro-batches of 2 (gradient accumulation)
+    one = train(SPEC, **TINY, data=str(corpus), steps=6, eval_every=3, save_every=3, batch_size=2,
+                grad_accum=2, out=str(tmp_path / "one"))
     _same_curve(_metrics(ddp_run), _metrics(one))
     wa, wb = _weights(ddp_run), _weights(one)
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)
-    # the 2-process checkpoint resumes in one process (batch 2 x 2 processes -> batch 4)
+    # the 2-process checkpoint resumes in one process (batch 2 x 2 processes -> one batch of 4)
     resumed = train(resume=ddp_run / "checkpoint-3", out=str(tmp_path / "resumed"))
     assert json.loads((resumed / "train_config.json").read_text())["batch_size"] == 4
     _same_curve(_metrics(ddp_run), _metrics(resumed))

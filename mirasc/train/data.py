@@ -276,12 +276,13 @@ class TrainData:
         return self.first_row(step) / self.stream.rows_per_epoch
 
 
-def validation_batches(stream: PackedStream, rows_per_batch: int, max_batches: int, rank: int = 0,
+def validation_batches(stream: PackedStream, rows_per_batch: int, total_rows: int, rank: int = 0,
                        world: int = 1) -> list[Batch | None]:
-    """This rank's validation batches: the first rows of the validation stream (at most max_batches
-    global batches of world * rows_per_batch rows, fewer when the stream is short). Every rank gets the
-    same number of entries (collectives must match); entries past the end are None."""
-    total = min(stream.rows_per_epoch, max_batches * rows_per_batch * world)
+    """This rank's validation batches: the first `total_rows` rows of the validation stream (fewer when
+    it is short), dealt out rows_per_batch at a time to the ranks in turn; the rows evaluated depend only
+    on total_rows, not on how many processes share them. Every rank gets the same number of entries
+    (collectives must match); entries past the end are None."""
+    total = min(stream.rows_per_epoch, total_rows)
     n_batches = math.ceil(total / (rows_per_batch * world))
     out = []
     for b in range(n_batches):

@@ -78,7 +78,7 @@ class TrainConfig:
     seed: int = 0
     # running
     eval_every: int = 100
-    eval_batches: int = 8
+    eval_batches: int = 8               # validation size, in global batches of rows
     save_every: int = 0                 # 0: only the final checkpoint
     keep_checkpoints: int = 2           # intermediate checkpoint folders kept (0: all)
     log_every: int = 1
@@ -511,7 +511,8 @@ def _train(cfg: TrainConfig, dd: Dist, model_fn, checkpoint: Path | None, explic
     val_stream = PackedStream(val_docs, tokenizer, cfg.seq_len, shuffle=False)
     global_rows = cfg.batch_size * dd.world * cfg.grad_accum
     data = TrainData(train_stream, global_rows, step0, row0)
-    val = validation_batches(val_stream, cfg.batch_size, cfg.eval_batches, dd.rank, dd.world)
+    # eval_batches global batches of validation rows, the same rows for any number of processes
+    val = validation_batches(val_stream, cfg.batch_size, cfg.eval_batches * global_rows, dd.rank, dd.world)
 
     # model and optimiser
     torch.manual_seed(cfg.seed)
