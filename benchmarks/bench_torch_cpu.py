@@ -6,8 +6,8 @@
 The whole block (projections, convolution, gates, memory, norm, output gate and projection) of
 examples/gated_deltanet.miras and examples/retnet.miras at B=8, T=256, d_model=128, 2 heads of head dim
 64, float32, backend="torch": the median of `reps` timed forward + backward passes (after a warm-up),
-the layers measured in turns so that load from other processes spreads over all of them; the table
-gives the fastest and the median of the runs. "token loop"
+the layers measured in turns so that load from other processes spreads over all of them (the slow
+token loop in the first --loop-reps rounds only); the table gives the fastest and the median. "token loop"
 is the same generated Gated DeltaNet module with its _WY_BLOCK set to 1, which makes memory() take
 the chunk loop with one token per chunk (the torch backend's path for chunk 1 before the WY form).
 Agreement: the WY block's output and parameter gradients against the token loop's (relative error).
@@ -53,30 +53,37 @@ def memory_step(module, ir, B, T, H, D, seed=0):
     return run
 
 
-def timed(fns: dict, reps: int) -> dict:
+def timed(fns: dict, reps: int, slow: str, slow_reps: int) -> dict:
     """(fastest, median) seconds of each closure, measured in turns (one call of each per round) after a
-    warm-up. On a shared CPU the fastest run is the one least slowed by other processes."""
+    warm-up, and the fewest CPU seconds (process time, all threads) of a run; the closure named slow runs
+    in the first slow_reps rounds only. On a shared CPU the fastest run is the one least slowed by other
+    processes, and the CPU seconds do not count the time spent waiting for a core."""
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
-    for _ in range(reps):
+    cpu = {name: [] for name in fns}
+    for r in range(reps):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            if name == slow and r >= slow_reps:
+                continue
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             times[name].append(time.perf_counter() - t0)
-    return {name: (min(ts), statistics.median(ts)) for name, ts in times.items()}
+            cpu[name].append(time.process_time() - c0)
+    return {name: (min(ts), statistics.median(ts), min(cpu[name])) for name, ts in times.items()}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--loop-reps", type=int, default=3, help="runs of the (slow) token loop")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     B, T, d_model, H, D = (2, 70, 32, 2, 8) if args.smoke else (8, 256, 128, 2, 64)
-    reps = 1 if args.smoke else args.reps
+    reps, loop_reps = (1, 1) if args.smoke else (args.reps, args.loop_reps)
 
     out = Path(tempfile.mkdtemp(prefix="bench_torch_cpu_"))
     gdn, gdn_ir = import_spec((ROOT / "examples/gated_deltanet.miras").read_text(),
@@ -110,13 +117,13 @@ def main():
         "Gated DeltaNet, WY form": lambda: block_step(layers["gdn"], x),
         "Gated DeltaNet, token loop": token_loop(lambda: block_step(layers["gdn"], x)),
         "RetNet (chunk 64)": lambda: block_step(layers["ret"], x),
-    }, reps)
+    }, reps, "Gated DeltaNet, token loop", loop_reps)
     gdn_mem, ret_mem = memory_step(gdn, gdn_ir, B, T, H, D), memory_step(ret, ret_ir, B, T, H, D)
     mems = timed({
         "Gated DeltaNet, WY form": gdn_mem,
         "Gated DeltaNet, token loop": token_loop(gdn_mem),
         "RetNet (chunk 64)": ret_mem,
-    }, reps)
+    }, reps, "Gated DeltaNet, token loop", loop_reps)
 
     ref = blocks["RetNet (chunk 64)"][0]
     ref_mem = mems["RetNet (chunk 64)"][0]
@@ -127,18 +134,19 @@ def main():
         f"Command: `{cmd.strip()}`",
         "",
         (f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, backend=\"torch\"; "
-         f"B={B}, T={T}, d_model={d_model}, heads {H}, head dim {D}. Forward + backward, {reps} runs after a "
-         "warm-up, the rows measured in turns; seconds as fastest / median (the CPU is shared with other "
+         f"B={B}, T={T}, d_model={d_model}, heads {H}, head dim {D}. Forward + backward, {reps} runs "
+         f"({loop_reps} of the token loop) after a warm-up, the rows measured in turns; seconds as fastest / median (the CPU is shared with other "
          "processes, so absolute times move between runs; compare within the table). The ratios are "
-         "of the fastest runs."),
+         "of the fastest runs. CPU s: the fewest process CPU seconds (both threads) of a run, which "
+         "waiting for a core does not inflate."),
         "",
-        "| layer | block fwd+bwd (s) | vs RetNet | memory() fwd+bwd (s) | vs RetNet |",
-        "|---|---|---|---|---|",
+        "| layer | block fwd+bwd (s) | vs RetNet | block CPU s | memory() fwd+bwd (s) | vs RetNet | memory() CPU s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name in blocks:
-        (b_min, b_med), (m_min, m_med) = blocks[name], mems[name]
-        lines.append(f"| {name} | {b_min:.3f} / {b_med:.3f} | {b_min / ref:.2f}x | {m_min:.3f} / {m_med:.3f} | "
-                     f"{m_min / ref_mem:.2f}x |")
+        (b_min, b_med, b_cpu), (m_min, m_med, m_cpu) = blocks[name], mems[name]
+        lines.append(f"| {name} | {b_min:.3f} / {b_med:.3f} | {b_min / ref:.2f}x | {b_cpu:.3f} | "
+                     f"{m_min:.3f} / {m_med:.3f} | {m_min / ref_mem:.2f}x | {m_cpu:.3f} |")
     lines += [
         "",
         (f"WY form against the token loop (the same block, float32): output relative error {err_out:.1e}, "
