@@ -57,7 +57,7 @@ def timed(fns: dict, reps: int, slow: str, slow_reps: int) -> dict:
     """(fastest, median) seconds of each closure, measured in turns (one call of each per round) after a
     warm-up, and the fewest CPU seconds (process time, all threads) of a run; the closure named slow runs
     in the first slow_reps rounds only. On a shared CPU the fastest run is the one least slowed by other
-    processes, and the CPU seconds do not count the time spent waiting for a core."""
+    processes; the CPU seconds leave out time spent off a core (not threads spinning for each other)."""
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
@@ -137,8 +137,8 @@ def main():
          f"B={B}, T={T}, d_model={d_model}, heads {H}, head dim {D}. Forward + backward, {reps} runs "
          f"({loop_reps} of the token loop) after a warm-up, the rows measured in turns; seconds as fastest / median (the CPU is shared with other "
          "processes, so absolute times move between runs; compare within the table). The ratios are "
-         "of the fastest runs. CPU s: the fewest process CPU seconds (both threads) of a run, which "
-         "waiting for a core does not inflate."),
+         "of the fastest runs. CPU s: the fewest process CPU seconds (all threads) of a run: time spent "
+         "off a core does not count, but threads spinning while they wait for each other do."),
         "",
         "| layer | block fwd+bwd (s) | vs RetNet | block CPU s | memory() fwd+bwd (s) | vs RetNet | memory() CPU s |",
         "|---|---|---|---|---|---|---|",
