@@ -137,7 +137,10 @@ class ByteTokenizer:
     vocab_size = 256
 
     def encode(self, data: bytes) -> torch.Tensor:
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8).long() if data else torch.zeros(0).long()
+        """uint8 ids (the corpus stays in memory at one byte per token; batches widen them)."""
+        if not data:
+            return torch.zeros(0, dtype=torch.uint8)
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
@@ -155,7 +158,7 @@ class FileTokenizer:
 
     def encode(self, data: bytes) -> torch.Tensor:
         ids = self.tok.encode(data.decode("utf-8", errors="replace"), add_special_tokens=False).ids
-        return torch.tensor(ids, dtype=torch.long)
+        return torch.tensor(ids, dtype=torch.int32)
 
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids])
@@ -238,7 +241,7 @@ def pack_rows(rows: list[tuple[torch.Tensor, torch.Tensor]]) -> Batch:
     """Rows flattened into one packed sequence. A segment starts at every document start and every row
     start (each starts from a fresh memory); the first token of a segment has no label, so no token is
     predicted from another document or another row."""
-    tokens = torch.cat([t for t, _ in rows])
+    tokens = torch.cat([t for t, _ in rows]).long()
     starts = torch.cat([s for _, s in rows]).clone()
     L = rows[0][0].numel()
     starts[::L] = True
