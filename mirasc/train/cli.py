@@ -5,7 +5,7 @@ import argparse
 
 # option, TrainConfig field, type, help
 _OPTIONS = [
-    ("--preset", "preset", str, "tiny, cpu (default), gpu-small, gpu-125m, gpu-340m"),
+    ("--preset", "preset", str, "the starting configuration (default: cpu; docs/training.md)"),
     ("--data", "data", str, "a text file or a folder of text files (default: the Python standard library)"),
     ("--tokenizer", "tokenizer", str, "a local tokenizers tokenizer.json (default: bytes, vocabulary 256)"),
     ("--corpus-bytes", "corpus_bytes", int, "read at most this many bytes of the corpus"),
@@ -51,8 +51,12 @@ _FLAGS = [
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", nargs="?", metavar="SPEC", help="a .miras file (optional with --resume)")
     p.add_argument("--resume", metavar="PATH", help="a checkpoint folder or a run folder (its latest)")
+    from .presets import PRESETS
+
+    choices = {"preset": list(PRESETS), "backend": ["auto", "torch", "triton", "reference"],
+               "device": ["auto", "cpu", "cuda"]}
     for opt, dest, typ, text in _OPTIONS:
-        p.add_argument(opt, dest=dest, type=typ, default=None, help=text)
+        p.add_argument(opt, dest=dest, type=typ, default=None, help=text, choices=choices.get(dest))
     for opt, dest, value, text in _FLAGS:
         p.add_argument(opt, dest=dest, action="store_const", const=value, default=None, help=text)
 
