@@ -18,7 +18,7 @@ def _floats(text: str) -> list[float]:
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", metavar="RUN", help="a run folder (mirasc train, or a task run of mirasc compare) "
+    p.add_argument("run_dir", metavar="RUN", help="a run folder (mirasc train, or a task run of mirasc compare) "
                                               "or a saved model folder")
     p.add_argument("--task", choices=EVAL_TASKS, default="bpb",
                    help="bpb: validation bits per byte; positions: bpb by position in the context; chunks: "
@@ -44,7 +44,7 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
                    help="leave out the softmax-attention baseline")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     for opt, typ, text in [
-        ("--steps", int, "training steps per model (mqar 400, passkey 400; bpb: the preset's)"),
+        ("--steps", int, "training steps per model (mqar 600, passkey 600; bpb: the preset's)"),
         ("--d-model", int, "model width (64; bpb: the preset's)"),
         ("--layers", int, "layers (2)"),
         ("--heads", int, "heads of the memory and attention layers (2)"),
@@ -76,7 +76,7 @@ def _print_table(head: list[str], rows: list[list]) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import lm_eval
 
-    run = Path(args.run)
+    run = Path(args.run_dir)
     if not run.exists():
         raise SystemExit(f"mirasc eval: no such folder: {run}")
     if args.task == "bpb":

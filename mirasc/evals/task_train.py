@@ -43,7 +43,7 @@ class TaskConfig:
     attn_every: int = 0            # 1: every layer softmax attention (the baseline)
     backend: str = "auto"
     # optimisation
-    steps: int = 400
+    steps: int = 600
     batch_size: int = 32
     lr: float = 3e-3
     warmup: int = 20
@@ -56,6 +56,7 @@ class TaskConfig:
     # (eval_len, pairs) with pairs <= eval_len / 4
     train_len: int | None = None   # None: 64 (mqar), 128 (passkey)
     train_pairs: int = 8
+    mqar_vocab: int = 64           # keys from bytes 1..mqar_vocab, values from 128..128 + mqar_vocab - 1
     eval_lens: list[int] | None = None      # None: [train_len, 2 train_len] (mqar); 1, 2, 4, 8 x (passkey)
     eval_pairs: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
     # passkey: haystack of "random" letters or "text" (the standard library corpus), needle depths
@@ -76,12 +77,17 @@ class TaskConfig:
             cfg.eval_lens = ([cfg.train_len, 2 * cfg.train_len] if cfg.task == "mqar"
                              else [cfg.train_len * m for m in (1, 2, 4, 8)])
         if cfg.task == "mqar":
-            MQARSpec().check(cfg.train_pairs, cfg.train_len)
+            cfg.mqar_spec().check(cfg.train_pairs, cfg.train_len)
         else:
             PasskeySpec(digits=cfg.digits)
             if cfg.filler not in ("random", "text"):
                 raise ValueError(f"filler must be 'random' or 'text', got {cfg.filler!r}")
         return cfg
+
+    def mqar_spec(self) -> MQARSpec:
+        if not 1 <= self.mqar_vocab <= 127:
+            raise ValueError(f"mqar_vocab must be in 1..127, got {self.mqar_vocab}")
+        return MQARSpec(1, 1 + self.mqar_vocab, 128, 128 + self.mqar_vocab)
 
     def budget(self) -> dict:
         """The settings two models must share to be compared (everything but the model's own kind)."""
@@ -117,7 +123,7 @@ def train_batch(cfg: TaskConfig, step: int) -> TaskBatch:
     seed = mix_seed(cfg.seed, step)
     if cfg.task == "mqar":
         pairs = 1 + int(torch.randint(0, cfg.train_pairs, (1,), generator=torch.Generator().manual_seed(seed)))
-        return mqar_batch(cfg.batch_size, pairs, cfg.train_len, seed + 1)
+        return mqar_batch(cfg.batch_size, pairs, cfg.train_len, seed + 1, cfg.mqar_spec())
     return passkey_batch(cfg.batch_size, cfg.train_len, seed, None, filler_for(cfg.filler, "train"),
                          PasskeySpec(digits=cfg.digits))
 
@@ -128,7 +134,7 @@ def eval_settings(cfg: TaskConfig) -> list[dict]:
     if cfg.task == "mqar":
         for T in cfg.eval_lens:
             for n in cfg.eval_pairs:
-                if 4 * n <= T and n <= MQARSpec().key_hi - MQARSpec().key_lo:
+                if 4 * n <= T and n <= cfg.mqar_vocab:
                     out.append({"name": f"T={T} N={n}", "seq_len": T, "pairs": n})
     else:
         for T in cfg.eval_lens:
@@ -141,7 +147,7 @@ def eval_batch(cfg: TaskConfig, setting: dict, index: int, batch: int) -> TaskBa
     seed = mix_seed(cfg.seed, EVAL_SALT, setting["seq_len"], int(1000 * setting.get("depth", 0)),
                     setting.get("pairs", 0), index)
     if cfg.task == "mqar":
-        return mqar_batch(batch, setting["pairs"], setting["seq_len"], seed)
+        return mqar_batch(batch, setting["pairs"], setting["seq_len"], seed, cfg.mqar_spec())
     return passkey_batch(batch, setting["seq_len"], seed, setting["depth"], filler_for(cfg.filler, "val"),
                          PasskeySpec(digits=cfg.digits))
 
