@@ -557,9 +557,9 @@ def test_block_gates_start_at_init():
     for g in layer.gates.values():
         torch.nn.init.zeros_(g[-1].weight)
     x = torch.randn(1, 3, 16)
-    assert torch.allclose(torch.sigmoid(layer.gates["alpha"](x)), torch.tensor(0.9))
-    assert torch.allclose(torch.nn.functional.softplus(layer.gates["eta"](x)), torch.tensor(0.3))
-    assert torch.allclose(torch.nn.functional.softplus(layer.learnables["c"]), torch.tensor(1.0))
+    assert torch.allclose(torch.sigmoid(layer.gates["u_alpha"](x)), torch.tensor(0.9))
+    assert torch.allclose(torch.nn.functional.softplus(layer.gates["u_eta"](x)), torch.tensor(0.3))
+    assert torch.allclose(torch.nn.functional.softplus(layer.learnables["u_c"]), torch.tensor(1.0))
     for act, value in (
         ("sigmoid", 0.97),
         ("softplus", 25.0),

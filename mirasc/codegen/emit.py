@@ -24,7 +24,7 @@ import jinja2
 from .._resources import resource_dir
 from ..ir import LayerIR, Operand
 from ..spec import Param
-from .triton import triton_context, unsupported_reason
+from .triton import bias_params_of, input_ident, triton_context, unsupported_reason
 from .triton_mlp import mlp_unsupported_reason, triton_mlp_context
 
 
@@ -34,7 +34,7 @@ class CodegenError(ValueError):
 
 # Names of memory()/step() arguments: a runtime parameter may not shadow them.
 _ARGUMENT_NAMES = frozenset(
-    {"q", "k", "v", "state", "initial_state", "output_final_state", "chunk_size", "backend", "fn", "params"}
+    {"q", "k", "v", "state", "initial_state", "output_final_state", "chunk_size", "backend", "cu_seqlens"}
 )
 
 _GATE_ACT = {  # activation -> (opening, closing) of the call that applies it in generated code
@@ -68,6 +68,7 @@ class _Operand:
     lit: float | None
     name: str | None
     channel: bool = False
+    ident: str | None = None  # the identifier kernels use for the input (triton.input_ident)
 
     @property
     def is_one(self) -> bool:
@@ -93,7 +94,7 @@ def _operand(ir: LayerIR, op: Operand | None, what: str) -> _Operand | None:
     p = _param(ir, op, what)
     if p.kind == "const":  # the symbolic stage inlines constants; accept a name anyway
         return _Operand(float(p.value), None)
-    return _Operand(None, p.name, p.kind == "gate" and p.shape == "channel")
+    return _Operand(None, p.name, p.kind == "gate" and p.shape == "channel", input_ident(ir, p.name))
 
 
 def _param(ir: LayerIR, name: str, what: str) -> Param:
@@ -398,15 +399,7 @@ def _context(ir: LayerIR, version: str) -> dict:
         "bias_klass": klass,
         "bias_klass_note": klass_note,
         "bias_text_lines": _wrap_text(ir.bias.text or ir.bias.name, "# "),
-        "bias_params": [
-            {
-                "name": n,
-                "kind": "learnable"
-                if _param(ir, n, "bias").kind == "learnable"
-                else _param(ir, n, "bias").shape,
-            }
-            for n in ir.bias.params
-        ],
+        "bias_params": bias_params_of(ir),
         "need_math": "math." in bias_src,
         **_triton_context(ir),
         **_triton_mlp_context(ir),
@@ -440,7 +433,8 @@ def _step_inputs(ir: LayerIR) -> list[dict]:
     """The runtime inputs the fused step kernel reads (lr, decay, bias parameters), each once, in keyword
     order: [{name, layout}] with layout "head" ([B, H]), "channel" ([B, H, V]) or "learnable" ([H])."""
     used = {op for op in (ir.algorithm.lr, ir.retention.alpha, *ir.bias.params) if isinstance(op, str)}
-    return [{"name": p.name, "layout": "learnable" if p.kind == "learnable" else p.shape}
+    return [{"name": input_ident(ir, p.name), "public": p.name,
+             "layout": "learnable" if p.kind == "learnable" else p.shape}
             for p in ir.inputs() if p.name in used]
 
 

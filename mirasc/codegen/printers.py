@@ -703,16 +703,17 @@ def triton_bias_source(bias, y: str = "y", v: str = "v", w: str = "w", V: str = 
     outs = [("dy", vjp.dy), ("dv", vjp.dv)]
     likes = {"dy": y, "dv": v}
     for p in vjp.dparams:
+        ident = params.get(p.name, p.name)  # outputs are named after the caller's names, not the spec's
         if p.shape == "channel":
-            outs.append((f"d_{p.name}", p.elem))
-            likes[f"d_{p.name}"] = params.get(p.name, p.name)
+            outs.append((f"d_{ident}", p.elem))
+            likes[f"d_{ident}"] = ident
         else:
             tot = p.token
             if p.elem != 0:
-                D = sp.Symbol(f"D_{p.name}")
+                D = sp.Symbol(f"D_{ident}")
                 reds.append((D, p.elem))
                 tot = D + p.token
-            outs.append((f"d_{p.name}", tot))
+            outs.append((f"d_{ident}", tot))
     vj = _triton_block(bias, reds, outs, names, V, reduce, mask, likes)
     return TritonBias(loss, grad, vj, tuple(bias.params))
 

@@ -63,14 +63,26 @@ def column_separable(bias) -> bool:
     return not any(sp.sympify(e).free_symbols & banned for e in pieces)
 
 
+def input_ident(ir: LayerIR, name: str) -> str:
+    """The identifier generated code uses for the runtime input `name`: u<i>, its place among
+    ir.inputs(). Kernel and helper variables are built from it (p_u0, p_u0_ptr, dp_u0_acc, ...), never
+    from the spec's own names, so no spec name can collide with a name the templates use; the public
+    functions keep the spec's names as keyword arguments and pass them on in a dict."""
+    for i, p in enumerate(ir.inputs()):
+        if p.name == name:
+            return f"u{i}"
+    raise KeyError(name)
+
+
 def bias_params_of(ir: LayerIR) -> list[dict]:
-    """The bias's non-constant parameters in kernel-argument order: {name, kind: learnable|channel|head}."""
+    """The bias's non-constant parameters in kernel-argument order:
+    {name: the identifier (input_ident), public: the spec's name, kind: learnable|channel|head}."""
     by_name = {p.name: p for p in ir.params}
     kinds = []
     for name in ir.bias.params:
         p = by_name[name]
         kind = "learnable" if p.kind == "learnable" else ("channel" if p.shape == "channel" else "head")
-        kinds.append({"name": name, "kind": kind})
+        kinds.append({"name": input_ident(ir, name), "public": name, "kind": kind})
     return kinds
 
 
@@ -82,13 +94,15 @@ def eta_is_channel(ir: LayerIR) -> bool:
 
 def bias_functions(ir: LayerIR, bias_params: list[dict]) -> str:
     """The @triton.jit `_bias_grad` / `_bias_vjp` pair (and the helpers they call) on [BT, BV] tiles."""
-    names = {p["name"]: f"p_{p['name']}" for p in bias_params}
+    names = {p["public"]: f"p_{p['name']}" for p in bias_params}
     tb = triton_bias_source(ir.bias, y="y", v="v", w="w", V="V", params=names, mask="vmask",
                             reduce="_vsum({x}, {mask})")
     args = "".join(f", p_{p['name']}" for p in bias_params)
-    douts = "".join(f", d_{p['name']}" for p in bias_params)
+    douts = "".join(f", d_p_{p['name']}" for p in bias_params)
+    legend = ", ".join(f"p_{p['name']} = {p['public']}" for p in bias_params)
+    legend = f"# The bias's parameters in the kernels: {legend}\n" if legend else ""
     return (
-        f"{tb.helpers.rstrip()}\n\n\n{_VSUM}\n\n"
+        f"{tb.helpers.rstrip()}\n\n\n{_VSUM}\n\n{legend}"
         f"@triton.jit\ndef _bias_grad(y, v, vmask{args}):\n"
         f'    """dL/dy of the bias on a [BT, BV] tile (padded columns are masked out of reductions)."""\n'
         f"{_body(tb.grad)}\n    return g\n\n\n"
@@ -110,7 +124,7 @@ def triton_context(ir: LayerIR) -> dict | None:
         "bias_params": bias_params,
         "triton_eta": operand_source(ir, lr, "eta"),
         "triton_alpha": operand_source(ir, ir.retention.alpha, "alpha"),
-        "triton_bias_args": [f"{p['name']}.float().contiguous()" for p in bias_params],
+        "triton_bias_args": [f"gates[{p['public']!r}].float().contiguous()" for p in bias_params],
         "triton_at_retained": ir.algorithm.at == "retained",
         "triton_bias_src": bias_functions(ir, bias_params),
         "column_separable": column_separable(ir.bias),
@@ -139,5 +153,5 @@ def operand_source(ir: LayerIR, op, shape: str) -> str | None:
     if p.kind == "const":
         return f"torch.full((B, T, H), {float(p.value)!r}, device=q.device, dtype=torch.float32)"
     if p.kind == "learnable":
-        return f"{op}.float().view(1, 1, H).expand(B, T, H).contiguous()"
-    return f"{op}.float().contiguous()"
+        return f"gates[{op!r}].float().view(1, 1, H).expand(B, T, H).contiguous()"
+    return f"gates[{op!r}].float().contiguous()"

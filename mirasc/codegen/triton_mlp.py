@@ -119,7 +119,7 @@ def triton_mlp_context(ir: LayerIR) -> dict | None:
         "triton_eta": operand_source(ir, lr, "eta"),
         "triton_alpha": operand_source(ir, ret.alpha, "alpha"),
         "triton_beta": operand_source(ir, alg.beta, "beta") if momentum else None,
-        "triton_bias_args": [f"{p['name']}.float().contiguous()" for p in bias_params],
+        "triton_bias_args": [f"gates[{p['public']!r}].float().contiguous()" for p in bias_params],
         "triton_bias_src": bias_functions(ir, bias_params),
         "eta_channel": eta_is_channel(ir),
         "min_chunk": MIN_CHUNK,

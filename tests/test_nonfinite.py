@@ -1,0 +1,81 @@
+"""A non-finite input never reaches an earlier token, another sequence, another packed sequence or
+another head, on any backend (the token-by-token rule's causality, for nan and inf as for numbers)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import EXAMPLE_NAMES, make_inputs, make_state, stable_seed
+
+T, BAD = 40, 29  # token BAD is in the middle of a 16-token tile and of a chunk
+
+
+def _run(module, ir, backend, where, value, chunk, cu_seqlens=None, B=2):
+    q, k, v, params, _ = make_inputs(ir, B, T, 2, 8, 8, dtype=torch.float32, seed=stable_seed(where, chunk))
+    inputs = {"q": q, "k": k, "v": v, **params}
+    x = inputs[where]
+    if x.dim() == 1:
+        x[0] = value
+    else:
+        x[0, BAD, 0] = value
+    n = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    s0 = make_state(ir, n, 2, 8, 8, dtype=torch.float32) if ir.memory.kind == "mlp" else None
+    o, final = module.memory(q, k, v, **params, backend=backend, chunk_size=chunk, initial_state=s0,
+                             output_final_state=True, cu_seqlens=cu_seqlens)
+    return o, final, x.dim() == 1
+
+
+def _final_bad(final) -> torch.Tensor:
+    parts = [final] if isinstance(final, torch.Tensor) else list(final)
+    return torch.stack([~torch.isfinite(p).flatten(2).all(-1) for p in parts]).any(0)  # [N, H]
+
+
+def _check(o, final, learnable):
+    """Row 0, head 0 holds the non-finite input at BAD (a learnable [H]: head 0 of every row, from 0)."""
+    bad = ~torch.isfinite(o).all(-1)  # [B, T, H]
+    first = 0 if learnable else BAD
+    rows = slice(None) if learnable else slice(0, 1)
+    assert not bad[rows, :first, 0].any(), f"tokens before {first}: {bad[0, :, 0].nonzero().flatten()}"
+    assert bad[rows, first, 0].all(), "the non-finite input vanished"
+    assert not bad[:, :, 1].any(), "another head was reached"
+    if not learnable:
+        assert not bad[1:].any(), "another sequence was reached"
+    fb = _final_bad(final)
+    assert not fb[:, 1].any() and (learnable or not fb[1:].any())
+
+
+@pytest.mark.parametrize("name,backend", [(n, "torch") for n in EXAMPLE_NAMES]
+                         + [("log_cosh", "reference"), ("titans", "reference")])
+def test_nan_stays_causal(compiled_examples, name, backend):
+    module, ir = compiled_examples[name]
+    for where in ["k", "v", *(p.name for p in ir.inputs())]:
+        for chunk in sorted({1, 16, ir.algorithm.chunk}):
+            o, final, learnable = _run(module, ir, backend, where, float("nan"), chunk)
+            _check(o, final, learnable)
+
+
+@pytest.mark.parametrize("name", ["gated_deltanet", "log_cosh", "retnet", "quantile"])
+def test_nan_and_inf_stay_causal_on_triton(compiled_examples, name):
+    module, ir = compiled_examples[name]
+    for where, value in [("q", float("nan")), ("k", float("inf")), ("v", float("nan")),
+                         *((p.name, float("nan")) for p in ir.inputs())]:
+        o, final, learnable = _run(module, ir, "triton", where, value, 16)
+        _check(o, final, learnable)
+
+
+def test_nan_stays_in_its_mlp_head_on_triton(compiled_examples):
+    module, ir = compiled_examples["moneta"]
+    o, final, _ = _run(module, ir, "triton", "v", float("nan"), 16)
+    _check(o, final, False)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nan_stays_in_its_packed_sequence(compiled_examples, backend):
+    """Packed sequences [0, 20), [20, 33), [33, 40): a nan at token 29 reaches 29-32 only."""
+    module, ir = compiled_examples["gated_deltanet"]
+    cu = torch.tensor([0, 20, 33, T])
+    o, final, _ = _run(module, ir, backend, "v", float("nan"), 16, cu_seqlens=cu, B=1)
+    bad = ~torch.isfinite(o[0, :, 0]).all(-1)
+    assert bad.nonzero().flatten().tolist() == list(range(BAD, 33))
+    assert not (~torch.isfinite(o[0, :, 1])).any()
+    fb = _final_bad(final)
+    assert fb[:, 0].tolist() == [False, True, False] and not fb[:, 1].any()
