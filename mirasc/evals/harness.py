@@ -34,6 +34,8 @@ class MirascLM(LM):
         super().__init__()
         from .lm_eval import load_run_model
 
+        if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+            device = "cpu"     # lm_eval's command line asks for cuda by default
         self.model = load_run_model(pretrained, int(chunk_size) if chunk_size else None, device)
         if self.model.config.vocab_size != 256:
             raise ValueError("the mirasc lm_eval model is byte level: vocab_size must be 256")
