@@ -26,9 +26,10 @@ from mirasc.train.data import (
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = ROOT / "examples" / "retnet.miras"
-# a tiny model that still learns: RetNet (chunk 64, no per-token loop), one layer of width 32
+# a tiny model that still learns: RetNet (chunk 64, no per-token loop), one layer of width 32, on the
+# torch backend (conftest sets TRITON_INTERPRET=1 without a GPU, which would run the kernels interpreted)
 TINY = {"preset": "tiny", "d_model": 32, "layers": 1, "heads": 2, "head_dim": 16, "seq_len": 64,
-        "progress": False, "threads": 1}
+        "progress": False, "threads": 1, "backend": "torch"}
 
 _WORDS = ["the", "memory", "retention", "bias", "gate", "chunk", "state", "update", "key", "value", "query",
           "layer", "token", "decay", "rule", "learning", "rate", "momentum", "gradient", "attention"]
