@@ -261,6 +261,9 @@ def plot_mqar(out: Path, results: list[dict]) -> Path:
             pts = [(s["pairs"], r["accuracy"][s["name"]]) for s in r["settings"] if s["seq_len"] == T]
             ax.plot([p for p, _ in pts], [a for _, a in pts], "o-", color=f"C{i}", label=r["name"])
         ax.set_xscale("log", base=2)
+        ticks = sorted({s["pairs"] for s in results[0]["settings"] if s["seq_len"] == T})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
         ax.set_ylim(-0.03, 1.03)
         ax.set_xlabel("key-value pairs N")
         ax.set_ylabel("accuracy (queried values)")
