@@ -199,12 +199,15 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def _shard(model: torch.nn.Module) -> None:
-    """FSDP2: every module of a ModuleList (the layers) is a unit, then the root."""
+    """FSDP2: every module of the outermost ModuleLists (the layers) is a unit, then the root. Module lists
+    inside a layer stay in their layer's unit (FSDP2 shards bottom-up, never a child of a sharded unit)."""
     from torch.distributed.fsdp import fully_shard
 
+    inside: set[int] = set()
     for module in list(model.modules()):
-        if isinstance(module, torch.nn.ModuleList):
+        if isinstance(module, torch.nn.ModuleList) and id(module) not in inside:
             for block in module:
+                inside.update(id(m) for m in block.modules())
                 fully_shard(block)
     fully_shard(model)
 
