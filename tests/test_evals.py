@@ -21,7 +21,7 @@ from mirasc.evals.tasks import IGNORE, Filler, MQARSpec, PasskeySpec, mqar_batch
 ROOT = Path(__file__).resolve().parent.parent
 RETNET = str(ROOT / "examples" / "retnet.miras")
 GDN = str(ROOT / "examples" / "gated_deltanet.miras")
-TINY = {"d_model": 16, "layers": 1, "heads": 2, "head_dim": 8, "batch_size": 4, "threads": 1}
+TINY = {"d_model": 16, "layers": 1, "heads": 2, "head_dim": 8, "batch_size": 4, "threads": 1, "backend": "torch"}
 
 
 def _mqar_oracle_logits(batch: tasks.TaskBatch, spec: MQARSpec) -> torch.Tensor:
@@ -124,7 +124,7 @@ def _tiny_lm_run(tmp_path: Path) -> Path:
         idx = torch.randint(0, len(words), (300,), generator=gen).tolist()
         (corpus / f"doc{i}.txt").write_bytes(b" ".join(words[j] for j in idx))
     return train(RETNET, preset="tiny", steps=3, data=str(corpus), out=str(tmp_path / "run"), progress=False,
-                 eval_every=0, seq_len=32, val_fraction=0.3)
+                 eval_every=0, seq_len=32, val_fraction=0.3, backend="torch")
 
 
 def test_bpb_by_position_matches_a_hand_calculation(tmp_path):
