@@ -224,6 +224,10 @@ def test_resume_continues_exactly(corpus, tmp_path):
     wa, wb = _weights(whole), _weights(resumed)
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # a finished run goes on in its own folder from its final state, with more steps
+    assert train(resume=whole, steps=10) == whole
+    assert [r["step"] for r in _metrics(whole) if "loss" in r] == list(range(1, 11))
+    assert json.loads((whole / "checkpoint.json").read_text())["step"] == 10
 
 
 def test_loss_falls(corpus, tmp_path):

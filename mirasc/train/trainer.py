@@ -34,6 +34,7 @@ from .data import (
 from .presets import DEFAULT_PRESET, PRESETS
 
 STATE_FILE = "trainer_state.pt"
+STEP_FILE = "checkpoint.json"        # the step (and tokens, val_bpb) of a checkpoint, readable without torch
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
 
@@ -264,6 +265,7 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, cfg: T
         torch.save({"step": step, "config": dataclasses.asdict(cfg), "optimizer": optim_sd,
                     "scheduler": scheduler.state_dict(), "rng": _rng_state(), "world_size": dd.world,
                     **extra}, tmp / STATE_FILE)
+        (tmp / STEP_FILE).write_text(json.dumps({"step": step, **extra}) + "\n")
         # files move into place one by one (the folder may be the run folder itself); trainer_state.pt
         # goes last, so a folder that has it holds a complete checkpoint
         folder.mkdir(parents=True, exist_ok=True)
@@ -312,17 +314,27 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
     return state
 
 
+def _checkpoint_step(folder: Path) -> int:
+    info = folder / STEP_FILE
+    if info.exists():
+        return json.loads(info.read_text())["step"]
+    return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)["step"]
+
+
 def find_checkpoint(path: str | Path) -> Path:
-    """The checkpoint folder to resume from: the folder itself if it holds trainer_state.pt, else the
-    latest (highest step) checkpoint of a run folder."""
+    """The checkpoint folder to resume from: a checkpoint-<step> folder itself, else the latest (highest
+    step) of a run folder's checkpoints and its final state (a run resumed into its own folder can have
+    checkpoints newer than the final state of its first part)."""
     path = Path(path)
-    if (path / STATE_FILE).exists():
-        return path
     found = [p for p in path.glob("checkpoint-*")
              if (p / STATE_FILE).exists() and not p.name.endswith(".tmp")]
+    if (path / STATE_FILE).exists():
+        if path.name.startswith("checkpoint-"):
+            return path
+        found.append(path)
     if not found:
         raise FileNotFoundError(f"no checkpoint in {path}")
-    return max(found, key=lambda p: int(p.name.split("-")[-1]))
+    return max(found, key=_checkpoint_step)
 
 
 def _run_folder_of(checkpoint: Path) -> Path:
