@@ -22,10 +22,11 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from fuzz_specs import Runner, draw_specs, name_pool
 
-KINDS = ("agree", "located", "traceback", "hang", "disagree", "mismatch")
+KINDS = ("agree", "located", "nonfinite", "traceback", "hang", "disagree", "mismatch")
 LABELS = {"agree": "accepted, torch agrees with reference", "located": "located errors",
           "traceback": "tracebacks", "hang": "hangs", "disagree": "check/compile disagreements",
-          "mismatch": "reference mismatches"}
+          "mismatch": "reference mismatches",
+          "nonfinite": "accepted, reference output not finite at the drawn inputs (not compared)"}
 
 
 def write_table(out: Path, args, counts: Counter, failures: list, done: int, seconds: float) -> None:
@@ -59,7 +60,7 @@ def main() -> int:
         for i, text in enumerate(specs):
             result = runner.run(text, i)
             counts[result.kind] += 1
-            if result.kind not in ("agree", "located"):
+            if result.kind not in ("agree", "located", "nonfinite"):
                 failures.append((i, result.kind, result.detail, text))
             if (i + 1) % 200 == 0 or i + 1 == len(specs):
                 elapsed = time.perf_counter() - start

@@ -39,7 +39,7 @@ def test_fuzzed_specs_run_or_fail_at_a_place(runner):
     for i, text in enumerate(specs):
         outcome = runner.run(text, i)
         kinds[outcome.kind] = kinds.get(outcome.kind, 0) + 1
-        if outcome.kind not in ("agree", "located"):
+        if outcome.kind not in ("agree", "located", "nonfinite"):
             bad.append(f"spec {i}: {outcome.kind}: {outcome.detail}\n{text}")
     assert not bad, "\n\n".join(bad[:5])
     assert kinds.get("agree", 0) >= N_SPECS // 10  # the generator must reach the backends, not only errors

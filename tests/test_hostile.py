@@ -261,3 +261,11 @@ def test_file_name_cannot_inject_code(tmp_path, capsys):
     capsys.readouterr()
     (written,) = (tmp_path / "out").glob("*.py")
     ast.parse(written.read_text())
+
+
+@pytest.mark.parametrize("expr", ["norm(abs((sqrt(y) / (2)^2)))", "sum(abs(sqrt(y - v)) + sign(sqrt(y)) * y)"])
+def test_abs_of_a_value_sympy_cannot_prove_real_compiles(expr):
+    """Found by the fuzzer: check accepted these and derive left unevaluated derivatives of re()/im()."""
+    compiled = compile_spec(with_bias(expr), "real.miras")
+    text = str(compiled.ir.bias.grad) + str(compiled.ir.bias.vjp.dy)
+    assert "Derivative" not in text and "atan2" not in text and " re(" not in text

@@ -92,10 +92,14 @@ class BiasVJP:
 # ---- expression hygiene ---------------------------------------------------------------------------
 
 def clean(e: sp.Expr) -> sp.Expr:
-    """Derivative post-processing: DiracDelta -> 0 (derivatives of sign/Heaviside vanish a.e.), a few
+    """Derivative post-processing: arg -> 0 (see below), DiracDelta -> 0 (derivatives of sign/Heaviside vanish a.e.), a few
     Piecewise folded into one (when that is not larger) and sinh(a)/cosh(a) -> tanh(a) (log cosh's
     derivative, stable in low precision)."""
     e = sp.sympify(e)
+    if e.has(sp.arg):
+        # arg() comes from sign() of a value sympy cannot prove real (sign(sqrt(y)) = exp(i arg(y)/2));
+        # where a bias is defined that value is real and >= 0 (a principal root), so its arg is 0
+        e = e.replace(lambda x: isinstance(x, sp.arg), lambda x: sp.S.Zero)
     if e.has(sp.DiracDelta):
         e = e.replace(lambda x: isinstance(x, sp.DiracDelta), lambda x: sp.S.Zero)
     if e.has(sp.Piecewise) and len(e.atoms(sp.Piecewise)) <= 3 and at_most_nodes(e, 2000):  # one where() instead of several
@@ -109,8 +113,30 @@ def clean(e: sp.Expr) -> sp.Expr:
     return e
 
 
+class _RealAbs(sp.Function):
+    """|u| for real u while differentiating: d|u| = sign(u) du.  sympy's Abs differentiates a value it
+    cannot prove real (sqrt(y)) through re() and im(), which leave atan2 terms and unevaluated
+    derivatives; every quantity of a bias is real where it is defined."""
+
+    def fdiff(self, argindex=1):
+        return _RealSign(self.args[0])
+
+
+class _RealSign(sp.Function):
+    """sign(u) for real u while differentiating: its derivative vanishes almost everywhere."""
+
+    def fdiff(self, argindex=1):
+        return sp.S.Zero
+
+
 def _d(e: sp.Expr, x: sp.Symbol) -> sp.Expr:
-    return clean(sp.diff(e, x)) if x in e.free_symbols else sp.S.Zero
+    if x not in e.free_symbols:
+        return sp.S.Zero
+    real = e.replace(sp.Abs, _RealAbs).replace(sp.sign, _RealSign)
+    d = sp.diff(real, x).replace(_RealAbs, sp.Abs).replace(_RealSign, sp.sign)
+    if d.has(sp.Derivative):
+        raise DeriveError(f"cannot differentiate {d.atoms(sp.Derivative).pop()} in closed form")
+    return clean(d)
 
 
 def cancelled(e: sp.Expr, y: sp.Symbol, v: sp.Symbol) -> sp.Expr:
@@ -122,11 +148,14 @@ def cancelled(e: sp.Expr, y: sp.Symbol, v: sp.Symbol) -> sp.Expr:
     """
     if isinstance(e, sp.Piecewise):
         return sp.Piecewise(*[(cancelled(a, y, v), c) for a, c in e.args])
-    if not e.is_Add or y not in e.free_symbols or not _small_polynomial(e):
-        return e
+    if not e.is_Add or y not in e.free_symbols or not _small_polynomial(e) or e.has(sp.Derivative, sp.Subs):
+        return e  # (an unevaluated derivative cannot take y -> err + v: it differentiates in y)
     err = sp.Dummy("e", real=True)
-    num, den = sp.fraction(sp.together(e.xreplace({y: err + v})))
-    cand = (sp.expand(num) / den).xreplace({err: y - v})
+    try:
+        num, den = sp.fraction(sp.together(e.xreplace({y: err + v})))
+        cand = (sp.expand(num) / den).xreplace({err: y - v})
+    except (ValueError, TypeError):  # best effort: the original is always correct
+        return e
     return cand if sp.count_ops(cand) < sp.count_ops(e) else e
 
 
