@@ -203,21 +203,21 @@ def test_memora(compiled_examples):
 
 
 @pytest.mark.parametrize("chunk", [4, 8])
-def test_mini_batch_gd_linear(compiled_examples, chunk):
-    """TTT-linear's mini-batch rule: in a chunk every gradient is taken at the chunk's first state."""
+def test_ttt_linear_mini_batch_gd(compiled_examples, chunk):
+    """TTT-Linear's inner model f(x) = x + LN(x W) and its mini-batch rule: in a chunk every gradient of
+    the l2 loss is taken at the chunk's first W (autograd through the model written out here)."""
     _ir, q, k, v, params, gen = _setup(compiled_examples, "ttt_linear", seed=3)
     module, _ = compiled_examples["ttt_linear"]
-    S0 = torch.randn(B, H, K, V, dtype=torch.float64, generator=gen)
-    o_ref, s_ref = module.memory(q, k, v, **params, initial_state=S0, output_final_state=True,
+    W0 = torch.randn(B, H, K, V, dtype=torch.float64, generator=gen) / K ** 0.5
+    o_ref, s_ref = module.memory(q, k, v, **params, initial_state=(W0,), output_final_state=True,
                                  chunk_size=chunk, backend="reference")
     eta = params["eta"]
-    S, o = S0, []
+    W, o = W0, []
     for start in range(0, T, chunk):
-        base = S
+        base = W
         for t in range(start, min(start + chunk, T)):
-            kt = k[:, t]
-            g = torch.einsum("bhk,bhkv->bhv", kt, base) - v[:, t]  # l2 gradient at the base state
-            S = S - eta[:, t, :, None, None] * _outer(kt, g)
-            o.append(torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+            (g,) = _grads(lambda y, tv: 0.5 * (y - tv).square().sum(-1), [base], k[:, t], v[:, t], None, True)
+            W = W - eta[:, t, :, None, None] * g
+            o.append(_mlp([W], q[:, t], None, True))
     assert_close(o_ref, torch.stack(o, 1), "o")
-    assert_close(s_ref, S, "final state")
+    assert_close(s_ref[0], W, "final state")

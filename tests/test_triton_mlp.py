@@ -228,6 +228,7 @@ def test_yaad_example_on_the_kernels(compiled_examples, delta_scale):
     ("moneta", 16, 40, torch.float32),  # decay + lq(q=4): the norm of every token's own state
     ("titans", 16, 40, torch.float32),  # momentum with decay
     ("titans", 64, 70, torch.bfloat16),  # its own chunk size, a ragged second chunk, bf16 inputs
+    ("ttt_linear", 16, 40, torch.float32),  # depth 1: x + LN(x W)
 ])
 def test_examples_on_the_kernels(compiled_examples, example, chunk, T, dtype):
     """examples/moneta.miras and examples/titans.miras as shipped, at small head dims."""
