@@ -452,7 +452,7 @@ def test_triton_source_parses(case):
     tb = triton_bias_source(ir, params={n: f"{n}_tile" for n in ir.params})
     assert tb.params == ir.params
     helpers = {"_mx_tanh", "_mx_cosh", "_mx_sinh", "_mx_log1p", "_mx_softplus", "_mx_sign"}
-    for block, outs in ((tb.loss, {"loss"}), (tb.grad, {"g"}), (tb.vjp, {"dy", "dv"} | {f"d_{p}" for p in ir.params})):
+    for block, outs in ((tb.loss, {"loss"}), (tb.grad, {"g"}), (tb.vjp, {"dy", "dv"} | {f"d_{p}_tile" for p in ir.params})):
         tree = ast.parse("\n".join(block))
         assigned = {t.id for s in tree.body for t in s.targets}
         assert outs <= assigned
