@@ -269,3 +269,10 @@ def test_abs_of_a_value_sympy_cannot_prove_real_compiles(expr):
     compiled = compile_spec(with_bias(expr), "real.miras")
     text = str(compiled.ir.bias.grad) + str(compiled.ir.bias.vjp.dy)
     assert "Derivative" not in text and "atan2" not in text and " re(" not in text
+
+
+def test_huge_power_derives_quickly():
+    """Found by the fuzzer: lp(p=65537) spent minutes in together()/simplify expanding x^(65537/2)."""
+    start = time.perf_counter()
+    compile_spec(BASE.replace("bias l2", "bias lp(p=65537)"), "huge_p.miras")
+    assert time.perf_counter() - start < 10
