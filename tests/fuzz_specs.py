@@ -9,7 +9,9 @@ located error; anything else is a finding.
 
 `run_case` (the only part that uses mirasc, imported inside the worker) classifies one spec:
 
-    agree       check and compile accept it; the torch backend agrees with the reference backend
+    agree       check and compile accept it; the torch backend agrees with the reference backend (within
+                the tolerance, or within 10x of how far the reference moves when v moves by 1e-13, for
+                losses that amplify rounding, e.g. a division by sum(smooth_sign(y - v)))
     located     refused with one `file:line:col: error: ...` line (a SpecError)
     traceback   any other exception (its type and message are kept)
     disagree    check accepts it and compile refuses it
@@ -226,9 +228,10 @@ def run_case(text: str, seed: int = 0) -> Outcome:
             q, k, v, params, gen = make_inputs(ir, B, T, H, K, V, seed=seed)
             state = make_state(ir, B, H, K, V, gen=gen, scale=0.5)
             outs = {}
-            for backend in ("reference", "torch"):
-                o, s = module.memory(q, k, v, **params, initial_state=state, output_final_state=True,
-                                     chunk_size=ir.algorithm.chunk, backend=backend)
+            for backend, vv in (("reference", v), ("torch", v), ("nudged", v * (1 + 1e-13))):
+                o, s = module.memory(q, k, v=vv, **params, initial_state=state, output_final_state=True,
+                                     chunk_size=ir.algorithm.chunk, backend="reference" if backend == "nudged"
+                                     else backend)
                 outs[backend] = [o] + ([s] if torch.is_tensor(s) else list(s))
         except Exception as exc:  # noqa: BLE001 - an accepted spec must run
             return Outcome("mismatch", _tb(exc))
@@ -237,7 +240,10 @@ def run_case(text: str, seed: int = 0) -> Outcome:
         # the NaNs land depends on the order of operations, so there is nothing to compare
         bad = [i for i, a in enumerate(outs["reference"]) if not torch.isfinite(a).all()]
         return Outcome("nonfinite", f"non-finite reference outputs {bad}")
-    for a, b in zip(outs["reference"], outs["torch"]):
+    for a, b, c in zip(outs["reference"], outs["torch"], outs["nudged"]):
+        own = (c - a).abs().max().item()  # how far the reference itself moves when v moves by 1e-13
+        if (b - a).abs().max().item() <= 10 * own:
+            continue  # ill-conditioned at these inputs: the backends differ by less than rounding moves it
         try:
             # elementwise relative error, with an absolute floor at the tensor's scale: an element that
             # cancels to near zero in a tensor of size 1e6 carries that size's rounding error
