@@ -225,3 +225,12 @@ def test_long_names():
         compile_spec(_spec(["a" * 65]), "probe.miras")
     with pytest.raises(SpecError, match="at most 64"):
         compile_spec(_spec(["a"], layer="L" * 120), "probe.miras")
+
+
+@pytest.mark.parametrize("layer", ["decoding", "Xcoding", "latin_coding"])
+def test_layer_name_that_reads_as_an_encoding_declaration(layer):
+    """`# decoding: ...` in the first two lines would be read as a source encoding (PEP 263): the name
+    ends line 1 and the spec's path (which may hold `coding:`) comes later."""
+    compiled = compile_spec(_spec(["a"], layer=layer), "x/coding:latin-1.miras")
+    module = _import(compiled.source, f"_mirasc_enc_{layer}")
+    assert hasattr(module, layer)
