@@ -3,8 +3,8 @@
 Produced by mirasc.symbolic.derive.derive(spec) and consumed by mirasc.codegen.  The bias is kept as
 sympy expressions (codegen's printers turn them into torch / triton source); everything else is plain
 numbers and strings.  An `Operand` is a literal number or the name of a runtime Param of the spec (a
-learnable scalar per head, or a gate).  Constants are inlined by the symbolic stage: a `const` Param
-referenced by name (in the bias, the retention or the algorithm) arrives here as its float value, never
+learnable scalar per head, a gate, or a per-head constant).  Constants are inlined by the symbolic
+stage: a `const` Param referenced by name (in the bias, the retention or the algorithm) arrives here as its float value, never
 as a name, so codegen needs no table of constants.
 """
 from __future__ import annotations
@@ -95,5 +95,14 @@ class LayerIR:
     spec: LayerSpec | None = field(default=None, compare=False)
 
     def inputs(self) -> tuple[Param, ...]:
-        """The Params that are runtime tensors (learnable scalars and gates), in keyword order."""
+        """The keyword arguments of memory() and step(): the learnable scalars and gates, in keyword order."""
+        return tuple(p for p in self.params if p.kind not in ("const", "per_head"))
+
+    def backend_inputs(self) -> tuple[Param, ...]:
+        """Every runtime tensor the backends read, in declaration order: inputs() and the per-head
+        constants, which the module computes itself (they are no arguments of memory() or step())."""
         return tuple(p for p in self.params if p.kind != "const")
+
+    def per_head(self) -> tuple[Param, ...]:
+        """The per-head constants (mirasc.per_head), computed for the actual head count at run time."""
+        return tuple(p for p in self.params if p.kind == "per_head")

@@ -89,14 +89,17 @@ class Param:
     kind "learnable": one scalar per head, an nn.Parameter initialised so that activation(raw) == init.
     kind "gate":      per token and head (shape "head": [B,T,H]) or per value channel ("channel": [B,T,H,V]),
                       activation(low-rank projection of x); `init` is the value the gate starts near.
+    kind "per_head":  a constant per head (shape "head": [H]), `expr` in the head index `head` (0 .. H-1),
+                      computed for the actual head count at run time (mirasc.per_head); not learnable.
     """
     name: str
-    kind: Literal["const", "learnable", "gate"]
+    kind: Literal["const", "learnable", "gate", "per_head"]
     value: float | None = None
     init: float | None = None
     shape: Literal["scalar", "head", "channel"] = "scalar"
     activation: str = "identity"
     rank: int = 0
+    expr: Expr | None = None  # per_head only: numbers, Var("head"), - + * / ^, exp log sqrt min max
     loc: Loc = field(default=NOLOC, compare=False)
 
 

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import jinja2
 
+from .. import per_head
 from .._resources import resource_dir
 from ..ir import LayerIR, Operand
 from ..spec import Param
-from .triton import bias_params_of, input_ident, triton_context, unsupported_reason
+from .triton import bias_params_of, input_ident, layout_of, triton_context, unsupported_reason
 from .triton_mlp import mlp_unsupported_reason, triton_mlp_context
 
 
@@ -256,11 +257,18 @@ def _context(ir: LayerIR, version: str) -> dict:
     for n in ir.bias.params:
         roles.setdefault(n, []).append("a parameter of the bias")
 
-    inputs, gates, learnables = [], [], []
-    for p in ir.inputs():
-        layout = "learnable" if p.kind == "learnable" else p.shape
+    inputs, gates, learnables, per_head_consts = [], [], [], []
+    for p in ir.backend_inputs():
+        layout = layout_of(p)
         role = " and ".join(roles.get(p.name, ["unused by the rule"]))
         act = p.activation or "identity"
+        if p.kind == "per_head":
+            text = per_head.text(p.expr)
+            per_head_consts.append({"name": p.name, "text": text, "role": role,
+                                    "source": per_head.torch_source(p.expr),
+                                    "tensor": per_head.mentions_head(p.expr)})
+            inputs.append({"name": p.name, "layout": layout, "public": False})
+            continue
         if layout == "learnable":
             doc, step_doc = f"[H], {role}: a learnable scalar per head, after its {act}", "[H]"
         elif layout == "head":
@@ -271,6 +279,7 @@ def _context(ir: LayerIR, version: str) -> dict:
         opening, closing = _GATE_ACT[act]
         entry = {
             "name": p.name,
+            "public": True,
             "layout": layout,
             "shape": p.shape,
             "doc": doc,
@@ -360,10 +369,15 @@ def _context(ir: LayerIR, version: str) -> dict:
         "state_is_tensor": not mlp and not momentum,
         "state_doc_lines": state_doc_lines,
         "state_tuple_doc": state_tuple_doc,
+        # inputs: every runtime tensor the backends read, by name in the gates dict; public_inputs: the
+        # keyword arguments of memory() and step() (inputs less the per-head constants, which the module
+        # computes itself for the head count it runs with)
         "inputs": inputs,
+        "public_inputs": [p for p in inputs if p["public"]],
+        "per_head_consts": per_head_consts,
         "gates": gates,
         "learnables": learnables,
-        "kwarg_lines": _wrap([f"{p['name']}: torch.Tensor" for p in inputs]),
+        "kwarg_lines": _wrap([f"{p['name']}: torch.Tensor" for p in inputs if p["public"]]),
         "lr": lr,
         "lr_one": lr.is_one,
         "alpha": alpha,
@@ -433,9 +447,8 @@ def _step_inputs(ir: LayerIR) -> list[dict]:
     """The runtime inputs the fused step kernel reads (lr, decay, bias parameters), each once, in keyword
     order: [{name, layout}] with layout "head" ([B, H]), "channel" ([B, H, V]) or "learnable" ([H])."""
     used = {op for op in (ir.algorithm.lr, ir.retention.alpha, *ir.bias.params) if isinstance(op, str)}
-    return [{"name": input_ident(ir, p.name), "public": p.name,
-             "layout": "learnable" if p.kind == "learnable" else p.shape}
-            for p in ir.inputs() if p.name in used]
+    return [{"name": input_ident(ir, p.name), "public": p.name, "layout": layout_of(p)}
+            for p in ir.backend_inputs() if p.name in used]
 
 
 def _environment() -> jinja2.Environment:

@@ -22,6 +22,14 @@ def shape_of(ir: LayerIR, op) -> str:
     return "const" if p.kind == "const" else ("channel" if p.shape == "channel" else "head")
 
 
+def layout_of(p) -> str:
+    """How a runtime Param reaches the backends: "learnable" (a scalar per head, [H]: a learnable or a
+    per-head constant), "head" (a gate per token and head) or "channel" (per value channel)."""
+    if p.kind in ("learnable", "per_head"):
+        return "learnable"
+    return "channel" if p.shape == "channel" else "head"
+
+
 def unsupported_reason(ir: LayerIR) -> str | None:
     """Why this layer has no Triton kernels yet (None: it has them)."""
     if ir.bias.vjp is None:
@@ -65,10 +73,10 @@ def column_separable(bias) -> bool:
 
 def input_ident(ir: LayerIR, name: str) -> str:
     """The identifier generated code uses for the runtime input `name`: u<i>, its place among
-    ir.inputs(). Kernel and helper variables are built from it (p_u0, p_u0_ptr, dp_u0_acc, ...), never
-    from the spec's own names, so no spec name can collide with a name the templates use; the public
+    ir.backend_inputs(). Kernel and helper variables are built from it (p_u0, p_u0_ptr, dp_u0_acc, ...),
+    never from the spec's own names, so no spec name can collide with a name the templates use; the public
     functions keep the spec's names as keyword arguments and pass them on in a dict."""
-    for i, p in enumerate(ir.inputs()):
+    for i, p in enumerate(ir.backend_inputs()):
         if p.name == name:
             return f"u{i}"
     raise KeyError(name)
@@ -76,12 +84,13 @@ def input_ident(ir: LayerIR, name: str) -> str:
 
 def bias_params_of(ir: LayerIR) -> list[dict]:
     """The bias's non-constant parameters in kernel-argument order:
-    {name: the identifier (input_ident), public: the spec's name, kind: learnable|channel|head}."""
+    {name: the identifier (input_ident), public: the spec's name, kind: learnable|channel|head}; a
+    per-head constant has kind learnable (a scalar per head, [H])."""
     by_name = {p.name: p for p in ir.params}
     kinds = []
     for name in ir.bias.params:
         p = by_name[name]
-        kind = "learnable" if p.kind == "learnable" else ("channel" if p.shape == "channel" else "head")
+        kind = layout_of(p)
         kinds.append({"name": input_ident(ir, name), "public": name, "kind": kind})
     return kinds
 
@@ -152,6 +161,6 @@ def operand_source(ir: LayerIR, op, shape: str) -> str | None:
     p = {p.name: p for p in ir.params}[op]
     if p.kind == "const":
         return f"torch.full((B, T, H), {float(p.value)!r}, device=q.device, dtype=torch.float32)"
-    if p.kind == "learnable":
+    if p.kind in ("learnable", "per_head"):
         return f"gates[{op!r}].float().view(1, 1, H).expand(B, T, H).contiguous()"
     return f"gates[{op!r}].float().contiguous()"

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import NoReturn
 
-from mirasc import catalog
+from mirasc import catalog, per_head
 from mirasc.catalog import Arg, Entry
 from mirasc.spec import (
     AlgorithmSpec,
@@ -91,6 +91,7 @@ ACTIVATION_RANGE = {
 MAX_SIZE = 65536  # a sanity cap on heads, dims and ranks: beyond it a typo, not a model
 MAP_TERMS = ("lq", "kl", "elastic_net", "bregman")
 NORM_THRESHOLD_BIASES = ("huber_norm", "huber_mix", "robust")
+MAX_PER_HEAD = 200  # nodes of a per_head(...) expression
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,7 @@ class _Checker:
         self.source = source
         self.params: dict[str, Param] = {}
         self.used: set[str] = set()
+        self.heads = 1  # the spec's head count: per_head(...) constants are checked at these heads
 
     def fail(self, loc: Loc, message: str) -> NoReturn:
         raise SpecError.at(loc, message, self.source)
@@ -142,6 +144,7 @@ class _Checker:
 
         block = self.block(single, layer)
         memory = self.memory(single.get("memory"), block)
+        self.heads = block.heads
         for decl in decls:
             self.declare(decl)
         bias = self.bias(single.get("bias"))
@@ -285,8 +288,12 @@ class _Checker:
             param = Param(name, "const", value=value, loc=loc)
         elif isinstance(decl, ast.ParamStmt):
             fn = decl.value.fn if isinstance(decl.value, ast.Call) else decl.value
+            if fn.text == "per_head":
+                self.params[name] = self.per_head(decl.value, name, loc)
+                return
             if fn.text != "learnable":
-                self.fail(fn.loc, f"a param is learnable(INIT[, ACTIVATION]), not '{fn.text}'")
+                self.fail(fn.loc, f"a param is learnable(INIT[, ACTIVATION]) or "
+                                  f"per_head(EXPRESSION IN head), not '{fn.text}'")
             args = self.bind(decl.value, LEARNABLE, "learnable")
             act = str(args["act"].value)
             init = self.init(args["init"], act)
@@ -303,6 +310,86 @@ class _Checker:
             param = Param(name, "gate", init=init, shape=shape, activation=fn.text, rank=rank,  # type: ignore[arg-type]
                           loc=loc)
         self.params[name] = param
+
+    def per_head(self, named: ast.Named, name: str, loc: Loc) -> Param:
+        """`per_head(EXPR)`: a constant vector [H], EXPR in the head index `head` (mirasc.per_head)."""
+        if not isinstance(named, ast.Call) or len(named.args) != 1:
+            got = 0 if not isinstance(named, ast.Call) else len(named.args)
+            self.fail(named.loc, f"per_head takes one expression in the head index 'head', got {got} "
+                                 f"arguments (e.g. per_head(1 - 2^(-5 - head)))")
+        (arg,) = named.args
+        if arg.key is not None:
+            self.fail(arg.key.loc, f"per_head takes one positional expression, not '{arg.key.text}='")
+        count, stack = 0, [arg.value]
+        while stack:  # a size cap first: the walks below recurse
+            node = stack.pop()
+            count += 1
+            if count > MAX_PER_HEAD:
+                self.fail(arg.loc, f"per_head '{name}' is too long (more than {MAX_PER_HEAD} numbers, "
+                                   f"names and operations)")
+            if isinstance(node, ast.Neg):
+                stack.append(node.operand)
+            elif isinstance(node, ast.BinOp):
+                stack += [node.lhs, node.rhs]
+            elif isinstance(node, ast.Call):
+                stack += [a.value for a in node.args]
+        tree = self.per_head_expr(arg.value)
+        for h in range(self.heads):
+            try:
+                per_head.evaluate(tree, h)
+            except per_head.PerHeadError as err:
+                self.fail(err.loc, f"per_head '{name}': {err.message} (the spec has {self.heads} heads)")
+        return Param(name, "per_head", shape="head", expr=tree, loc=loc)
+
+    def per_head_expr(self, node: ast.Expr) -> SpecExpr:
+        """A per_head(...) expression as a mirasc.spec expression: numbers, `head`, - + * / ^ and the
+        functions of mirasc.per_head.FUNCTIONS, nothing else."""
+        allowed = f"numbers, 'head', + - * / ^ and {_join(list(per_head.FUNCTIONS))}"
+        if isinstance(node, ast.Number):
+            value = self.literal(node)
+            assert value is not None
+            return Num(value, node.loc)
+        if isinstance(node, ast.Name):
+            if node.text != per_head.HEAD:
+                what = ("the parameter" if node.text in self.params else
+                        "the memory's" if node.text in ("y", "v") else "the name")
+                self.fail(node.loc, f"per_head(...) cannot use {what} '{node.text}': it is a constant per "
+                                    f"head, an expression in {allowed}")
+            return Var(per_head.HEAD, node.loc)
+        if isinstance(node, ast.Neg):
+            return Unary("-", self.per_head_expr(node.operand), node.loc)
+        if isinstance(node, ast.BinOp):
+            lhs, rhs = self.per_head_expr(node.lhs), self.per_head_expr(node.rhs)
+            return Binary(node.op, lhs, rhs, node.loc)  # type: ignore[arg-type]
+        if isinstance(node, ast.Call):
+            fn = node.fn.text
+            if fn not in per_head.FUNCTIONS:
+                self.fail(node.fn.loc, f"unknown function '{fn}' in per_head(...); expected one of: "
+                                       f"{_join(list(per_head.FUNCTIONS))}")
+            for a in node.args:
+                if a.key is not None:
+                    self.fail(a.key.loc, f"{fn} takes positional arguments only (got '{a.key.text}=')")
+            arity = per_head.FUNCTIONS[fn]
+            if len(node.args) != arity:
+                self.fail(node.fn.loc, f"{fn} takes {_plural(arity, 'argument')}, got {len(node.args)}")
+            return Call(fn, tuple(self.per_head_expr(a.value) for a in node.args), node.loc)
+        self.fail(node.loc, f"per_head(...) has no if/else: it is an expression in {allowed}")
+
+    def per_head_values(self, bound: Bound) -> tuple[float, ...] | None:
+        """The values of a per_head constant argument at the spec's heads, None for anything else."""
+        ref = bound.value
+        param = self.params.get(ref.name) if isinstance(ref, Ref) and ref.name else None
+        if param is None or param.kind != "per_head" or param.expr is None:
+            return None
+        return tuple(per_head.evaluate(param.expr, h) for h in range(self.heads))
+
+    def per_head_range(self, bound: Bound, what: str, ok, rule: str) -> None:
+        """Range rules of an operand (decay alpha, lr, momentum beta) applied to a per-head constant."""
+        values = self.per_head_values(bound)
+        for h, value in enumerate(values or ()):
+            if not ok(value):
+                self.fail(bound.loc, f"{what} {rule}, not {value:g} "
+                                     f"(per_head '{bound.value.name}' at head {h})")
 
     def init(self, bound: Bound, act: str) -> float:
         """An init value the activation can reach (the raw parameter starts at its inverse)."""
@@ -612,6 +699,8 @@ class _Checker:
                 self.in_range(bound, "kl scale", value is not None and value > 0, "must be > 0")
             elif name == "alpha" and value is not None:
                 self.in_range(bound, "decay alpha", 0 < value <= 1, "must be in (0, 1]")
+            elif name == "alpha":
+                self.per_head_range(bound, "decay alpha", lambda x: 0 < x <= 1, "must be in (0, 1]")
             elif name == "gamma" and value is not None:
                 self.in_range(bound, "elastic_net gamma", value >= 0, "must be >= 0")
             if name in ("alpha", "gamma"):
@@ -643,11 +732,13 @@ class _Checker:
         value = self.value_of(lr)
         if value is not None:
             self.in_range(lr, f"{fn.text} lr", value > 0, "must be > 0")
+        self.per_head_range(lr, f"{fn.text} lr", lambda x: x > 0, "must be > 0")
         beta = args.get("beta")
         if beta is not None:
             value = self.value_of(beta)
             if value is not None:
                 self.in_range(beta, "momentum beta", 0 <= value < 1, "must be in [0, 1)")
+            self.per_head_range(beta, "momentum beta", lambda x: 0 <= x < 1, "must be in [0, 1)")
             self.per_channel(beta, memory, "momentum beta")
         assert isinstance(lr.value, Ref)
         beta_ref = beta.value if beta is not None else None

@@ -11,6 +11,7 @@ import sympy as sp
 from sympy.printing.precedence import precedence
 from sympy.printing.str import StrPrinter
 
+from .. import per_head
 from ..ir import LayerIR, Operand
 from .derive import at_most_nodes
 
@@ -179,6 +180,10 @@ def rule_text(ir: LayerIR) -> str:
     lines.append("  o_t = " + ("q_t W_t" if ir.memory.kind == "linear" else "M(W_t, q_t)"))
     if a.chunk > 1:
         lines.append(f"chunks of {a.chunk}: every token's gradient at the chunk's base state W_b")
+    consts = [p for p in ir.params if p.kind == "per_head" and p.expr is not None]
+    if consts:
+        lines.append("per-head constants (head = 0 .. H-1, computed for the actual head count H):")
+        lines += [f"  {p.name} = {per_head.text(p.expr)}" for p in consts]
     return "\n".join(lines)
 
 
@@ -193,6 +198,9 @@ def explain(ir: LayerIR) -> str:
                 out.append(f"  {p.name} = {p.value!r} (constant, inlined)")
             elif p.kind == "learnable":
                 out.append(f"  {p.name}: learnable scalar per head, {p.activation}, init {p.init!r}")
+            elif p.kind == "per_head" and p.expr is not None:
+                out.append(f"  {p.name} = {per_head.text(p.expr)} for head = 0 .. H-1 (constant per head, "
+                           f"not learnable)")
             else:
                 out.append(f"  {p.name}: gate per {'value channel' if p.shape == 'channel' else 'head'}, "
                            f"{p.activation}(rank {p.rank}), init {p.init!r}")
