@@ -477,7 +477,10 @@ def train(spec: str | os.PathLike | None = None, *, model_fn=None, resume: str |
     probe = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dd = init_distributed(probe)
     try:
-        return _train(cfg, dd, model_fn, checkpoint, explicit)
+        run = _train(cfg, dd, model_fn, checkpoint, explicit)
+        if dd.owned:  # every rank is done (rank 0 writes last) before any tears the group down
+            dist.barrier()
+        return run
     finally:
         if dd.owned:
             dist.destroy_process_group()
