@@ -224,3 +224,45 @@ def test_per_head_constant_in_other_roles(role, tmp_path):
     qs, ks, vs = (x[:, :, :1].expand(-1, -1, H, -1).contiguous() for x in (q, k, v))
     o_same, _ = module.memory(qs, ks, vs, backend="torch")
     assert not torch.allclose(o_same[:, :, 0], o_same[:, :, 1])
+
+
+MLP_MOMENTUM = """layer PM {
+    heads 4
+    key_dim 8
+    value_dim 8
+    memory mlp(depth=2, expansion=2, act=gelu, residual=true, norm=true)
+    param g = per_head(1 - 2^(-5 - head))
+    param c = per_head(0.5 + 0.25 * head)
+    gate theta : head = softplus(rank=4, init=0.05)
+    gate beta : head = sigmoid(rank=4, init=0.5)
+    bias sum(c * (y - v)^2) / 2
+    retention decay(g)
+    algorithm momentum(beta=beta, lr=theta, chunk=4)
+}
+"""
+
+
+def test_per_head_constants_on_the_mlp_kernels_with_momentum(tmp_path):
+    """Per-head constants as the decay and a bias parameter of an MLP memory with momentum: the Triton
+    MLP kernels (the interpreter without a GPU) agree with the torch backend, outputs and gradients."""
+    pytest.importorskip("triton")
+    from conftest import make_state
+
+    module, compiled = _load(MLP_MOMENTUM, "mlp_momentum", tmp_path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    B, T, H, K, V = 1, 12, 3, 8, 8
+    q, k, v = (x.float().to(device) for x in _qkv(B, T, H, K, V, seed=5))
+    gen = torch.Generator().manual_seed(5)
+    gates = {"theta": 0.02 + 0.05 * torch.rand(B, T, H, generator=gen),
+             "beta": 0.3 + 0.4 * torch.rand(B, T, H, generator=gen)}
+    s0 = [x.float().to(device) for x in make_state(compiled.ir, B, H, K, V, gen=gen)]
+    results = {}
+    for backend in ("torch", "triton"):
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+        gs = {n: x.to(device).requires_grad_(True) for n, x in gates.items()}
+        o, _ = module.memory(*leaves, **gs, initial_state=tuple(s0), backend=backend, chunk_size=4)
+        o.square().sum().backward()
+        results[backend] = (o.detach(), *(x.grad for x in leaves), *(gs[n].grad for n in sorted(gs)))
+    names = ("o", "dq", "dk", "dv", "dbeta", "dtheta")
+    for name, a, b in zip(names, results["triton"], results["torch"]):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-4, msg=name)
