@@ -9,7 +9,7 @@ and the error is taken over every output element. A further column gives how far
 own gradients move when q, k, v move by bf16 rounding (relative noise up to 2^-9): a layer whose gradients
 move by more than 1e-2 there cannot be checked at 1e-2 with bf16 inputs, and its FAIL says so.
 Part 2 (speed): median ms of triton.testing.do_bench for the generated layers and, in the same run, the
-peers of ../shared/BENCHMARKS.md (fla, when its wheels are on PYTHONPATH; F.scaled_dot_product_attention).
+peers (fla, when its wheels are on PYTHONPATH; F.scaled_dot_product_attention).
 Part 3: time against T (2K .. 64K) for the lp(p=3) layer.
 Layers: the specs of LAYERS and the examples of EXAMPLES (per-channel decay: log_cosh.miras; momentum:
 quantile.miras, whose state is the tuple (S, m)).
@@ -247,7 +247,7 @@ def peers():
         print(f"fla not available: {exc}", flush=True)
         return out
     # fla refuses its gated backward on Hopper with Triton 3.4-3.7.0 (it reports wrong results there);
-    # as in BENCHMARKS.md, the guard is lifted for timing only.
+    # the guard is lifted for timing only.
     fla_chunk_o.TRITON_ABOVE_3_7_1 = True
     g = torch.log(0.9 + 0.09 * torch.rand(B, T, H, device=DEV)).requires_grad_()
     beta = torch.rand(B, T, H, device=DEV).bfloat16().requires_grad_()

@@ -20,7 +20,7 @@ def import_spec(text: str, name: str, out: Path, prefix: str):
 
 
 def lp_decay_spec(heads: int, dim: int, chunk: int = 64) -> str:
-    """The lp(p=3) layer with a data-dependent decay gate that the targets of BENCHMARKS.md name."""
+    """The lp(p=3) layer with a data-dependent decay gate that the benchmark tables lead with."""
     return f"""layer LpDecay {{
     heads {heads}
     key_dim {dim}

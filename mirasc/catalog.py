@@ -29,7 +29,7 @@ def _t(*entries: Entry) -> dict[str, Entry]:
     return {e.name: e for e in entries}
 
 
-# Attentional biases (MIRAS.md section 2).  e = y - v, with y = M(W, k) and v the target.
+# Attentional biases (docs/semantics.md, "The attentional bias").  e = y - v, with y = M(W, k) and v the target.
 BIASES = _t(
     Entry("dot", (), "dot product: L = -<y, v>  (Eq. 8, scaled so that lr 1 gives S += k^T v)"),
     Entry("l2", (), "squared error: L = 1/2 ||y - v||^2  (Eq. 9; lr beta gives the delta rule)"),
@@ -45,7 +45,7 @@ BIASES = _t(
           "worst case over value shifts: 1/2||e||^2 + Delta ||e||_2 + Delta^2/2  (Eq. 17)"),
 )
 
-# Retention terms (MIRAS.md section 3).  A retention is a sum: at most one `decay` plus at most one map.
+# Retention terms (docs/semantics.md, "Retention maps").  A retention is a sum: at most one `decay` plus at most one map.
 RETENTIONS = _t(
     Entry("none", (), "no retention: W_t = W_{t-1} - u_t"),
     Entry("decay", (Arg("alpha"),), "l2 retention as multiplicative decay alpha (Eqs. 8-9, Titans)"),

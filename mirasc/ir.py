@@ -19,7 +19,7 @@ Operand = Union[float, str]
 
 @dataclass(frozen=True)
 class BiasIR:
-    """The attentional bias L(y, v) of one token, in the structured form of DESIGN.md.
+    """The attentional bias L(y, v) of one token, in the structured form of docs/semantics.md ("The attentional bias").
 
     L = F(S_1, ..., S_m; params) with S_r = sum_j f_r(y_j, v_j; params_j): every dependence on the
     memory output y goes through the reductions (an elementwise sum is itself one).  Symbols: `y`, `v`

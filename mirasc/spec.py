@@ -160,7 +160,7 @@ class AlgorithmSpec:
 
 @dataclass(frozen=True)
 class BlockSpec:
-    """The Miras block around the memory (MIRAS.md 5.4)."""
+    """The Miras block around the memory (Miras §5.4; docs/semantics.md, "The block")."""
     heads: int = 1
     key_dim: int = 64
     value_dim: int = 64

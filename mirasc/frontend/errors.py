@@ -1,6 +1,6 @@
 """SpecError: the one exception the frontend raises for bad spec text.
 
-Errors are part of the language (DESIGN.md, "Errors"): every problem in a spec is reported as one line
+Errors are part of the language (docs/language.md): every problem in a spec is reported as one line
 `file:line:col: error: message`, followed by the offending source line and a caret under the column, the
 way compilers do.  A user should never see a Python traceback for a spec they wrote, so the parser turns
 lark's exceptions into SpecError and the checker raises nothing else.
