@@ -34,15 +34,21 @@ def compiled_examples(tmp_path_factory):
     result = {}
     for path in EXAMPLES:
         compiled = compile_spec(path.read_text(), str(path))
-        target = out / f"{compiled.stem}.py"
-        target.write_text(compiled.source)
-        name = f"_mirasc_test_{compiled.stem}"
-        spec = importlib.util.spec_from_file_location(name, target)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
+        module = import_source(compiled.source, f"_mirasc_test_{compiled.stem}", out)
         result[path.stem] = (module, compiled.ir)
     return result
+
+
+def import_source(source: str, name: str, folder: Path):
+    """Write generated source to folder/<name>.py and import it as module `name` (from a file: Triton's
+    jit reads the kernels' source)."""
+    target = Path(folder) / f"{name}.py"
+    target.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, target)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def layer_dims(ir, B, H, K, V):

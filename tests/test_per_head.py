@@ -2,13 +2,12 @@
 1 - 2^(-5 - h) (Sun et al. 2023) on every backend, at a head count other than the spec's."""
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import import_source
 
 from mirasc.compiler import compile_spec
 from mirasc.frontend import SpecError, load_spec
@@ -35,16 +34,9 @@ def spec(decl, bias="dot", retention="decay(g)", lr="1"):
 
 
 def _load(text: str, stem: str, folder: Path):
-    """Compile spec text and import the generated module from a file (Triton's jit reads its source)."""
+    """Compile spec text and import the generated module from a file."""
     compiled = compile_spec(text, f"<{stem}>")
-    target = folder / f"{stem}.py"
-    target.write_text(compiled.source)
-    name = f"_mirasc_test_per_head_{stem}"
-    module_spec = importlib.util.spec_from_file_location(name, target)
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[name] = module
-    module_spec.loader.exec_module(module)
-    return module, compiled
+    return import_source(compiled.source, f"_mirasc_test_per_head_{stem}", folder), compiled
 
 
 @pytest.fixture(scope="module")
