@@ -53,7 +53,7 @@ warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")  # Triton 
 
 TARGET = GPUTarget("cuda", 90, 32)
 SMEM_LIMIT = 232448  # bytes of shared memory per block on an H100
-KERNELS = ("_chunk_fwd_kernel", "_chunk_bwd_kernel", "_step_kernel", "_mlp_fwd_kernel", "_mlp_write_kernel", "_mlp_read_kernel", "_mlp_bwd_kernel")
+KERNEL_SUFFIX = "_kernel"  # every @triton.jit function of a generated module named *_kernel is launched
 B, H, T = 1, 16, 2048  # B only sets the grid; H and T as in the benchmarks (ints are specialized on value)
 JOBS: list[dict] = []  # filled before the pool forks; workers compile JOBS[i]
 
@@ -81,12 +81,17 @@ def bind(kernel, args, kwargs) -> tuple:
     return signature, constexprs, attrs, options
 
 
+def kernel_names(module) -> list[str]:
+    """The module's Triton kernels: its jit functions named *_kernel (helpers are inlined into them)."""
+    return sorted(n for n, f in vars(module).items()
+                  if n.endswith(KERNEL_SUFFIX) and not n.startswith("_orig") and isinstance(f, triton.JITFunction))
+
+
 def record(module, ir, K: int, dtype: torch.dtype, chunk: int) -> list:
     """The kernel launches of one memory() forward + backward and of step() at positions 0 and 1."""
     calls: list = []
-    for name in KERNELS:
-        if hasattr(module, name):
-            setattr(module, name, Recorder(getattr(module, f"_orig{name}"), calls))
+    for name in module._kernel_names:
+        setattr(module, name, Recorder(getattr(module, f"_orig{name}"), calls))
     grad = {"requires_grad": True}
     q, k, v = (torch.randn(B, T, H, K, dtype=dtype, **grad) for _ in range(3))
     gates = {p.name: torch.rand((H,) if p.kind == "learnable" else (B, T, H) if p.shape == "head"
@@ -114,10 +119,10 @@ def collect(only: str | None, dims: list[int], dtypes: list[str], chunk_list: li
     modules' launch settings (_MLP_FWD_CONFIG / _MLP_BWD_CONFIG)."""
     out = Path(tempfile.mkdtemp(prefix="check_sm90_src_"))
     for path in sorted((ROOT / "examples").glob("*.miras")):
-        if only and only not in (path.stem, *KERNELS):
-            continue
         module, ir = import_spec(path.read_text(), str(path), out, "_check_sm90_")
-        names = [n for n in KERNELS if hasattr(module, n)]
+        names = module._kernel_names = kernel_names(module)
+        if only and only not in (path.stem, *names):
+            continue
         if not names:
             print(f"# {path.stem}: no triton kernels, skipped", file=sys.stderr)
             continue
@@ -144,7 +149,7 @@ def collect(only: str | None, dims: list[int], dtypes: list[str], chunk_list: li
                     step_pos = 0
                     for kernel, args, kwargs in record(module, ir, K, dtype, chunk):
                         kname = kernel.__name__
-                        if only and only in KERNELS and kname != only:
+                        if only and only in names and kname != only:
                             continue
                         sig, cexp, attrs, opts = bind(kernel, args, kwargs)
                         key = (kname, str(sig), str(cexp), str(attrs), str(opts))
