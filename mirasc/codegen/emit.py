@@ -25,6 +25,7 @@ from .. import per_head
 from .._resources import resource_dir
 from ..ir import LayerIR, Operand
 from ..spec import Param
+from .printers import num
 from .triton import bias_params_of, input_ident, layout_of, triton_context, unsupported_reason
 from .triton_mlp import mlp_unsupported_reason, triton_mlp_context
 
@@ -48,14 +49,6 @@ _GATE_ACT = {  # activation -> (opening, closing) of the call that applies it in
 }
 
 
-def _num(x: float) -> str:
-    """A float as Python source (repr round-trips exactly)."""
-    x = float(x)
-    if math.isinf(x):
-        return 'float("inf")' if x > 0 else '-float("inf")'
-    return repr(x)
-
-
 @dataclass(frozen=True)
 class _Operand:
     """An operand of the rule (lr, alpha, beta, gamma) as generated code sees it.
@@ -76,14 +69,14 @@ class _Operand:
         return self.lit == 1.0
 
     def at(self, idx: str) -> str:
-        return _num(self.lit) if self.name is None else f'params["{self.name}"][:, :, {idx}]'
+        return num(self.lit) if self.name is None else f'params["{self.name}"][:, :, {idx}]'
 
     def bcast(self, idx: str) -> str:
-        return _num(self.lit) if self.name is None else f'params["{self.name}"][:, :, {idx}, None]'
+        return num(self.lit) if self.name is None else f'params["{self.name}"][:, :, {idx}, None]'
 
     def chunk(self, idx: str) -> str:
         if self.name is None:
-            return f"qc.new_full((B, H, e - s, 1), {_num(self.lit)})"
+            return f"qc.new_full((B, H, e - s, 1), {num(self.lit)})"
         return f'params["{self.name}"][:, :, {idx}]'
 
 
@@ -275,7 +268,7 @@ def _context(ir: LayerIR, version: str) -> dict:
             doc, step_doc = f"[B, T, H], {role}: a gate per token and head", "[B, H]"
         else:
             doc, step_doc = f"[B, T, H, V], {role}: a gate per token, head and value channel", "[B, H, V]"
-        raw = None if p.init is None else _num(inverse_activation(act, p.init))
+        raw = None if p.init is None else num(inverse_activation(act, p.init))
         opening, closing = _GATE_ACT[act]
         entry = {
             "name": p.name,
@@ -331,7 +324,7 @@ def _context(ir: LayerIR, version: str) -> dict:
         "affine": " (g = y - c(v), the delta-rule class)",
         "nonlinear": "",
     }[klass]
-    terms = ([f"decay({alpha.name or _num(alpha.lit)})"] if has_decay else []) + (
+    terms = ([f"decay({alpha.name or num(alpha.lit)})"] if has_decay else []) + (
         [] if ret.map == "id" else [ret.map]
     )
     mlp_text = (
@@ -392,10 +385,10 @@ def _context(ir: LayerIR, version: str) -> dict:
         "prox": prox,
         "gamma_tensor": gamma_tensor,
         "retention_text": " + ".join(terms) or "none",
-        "lq_q": _num(ret.q),
-        "lq_power": _num((ret.q - 2.0) / ret.q),
-        "lq_at_zero": _num(0.0 if ret.q > 2.0 else math.inf),
-        "lq_eps": _num(ret.eps),
+        "lq_q": num(ret.q),
+        "lq_power": num((ret.q - 2.0) / ret.q),
+        "lq_at_zero": num(0.0 if ret.q > 2.0 else math.inf),
+        "lq_eps": num(ret.eps),
         "kl_axis": ret.axis,
         "kl_scale": float(ret.scale),
         "channel_coef": (alpha.channel and has_decay) or (momentum and beta.channel),
