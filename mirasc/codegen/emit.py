@@ -25,7 +25,8 @@ from .. import per_head
 from .._resources import resource_dir
 from ..ir import LayerIR, Operand
 from ..spec import Param
-from .printers import num
+from ..symbolic.activations import activation
+from .printers import num, torch_activation_source
 from .triton import bias_params_of, input_ident, layout_of, triton_context, unsupported_reason
 from .triton_mlp import mlp_unsupported_reason, triton_mlp_context
 
@@ -39,14 +40,11 @@ _ARGUMENT_NAMES = frozenset(
     {"q", "k", "v", "state", "initial_state", "output_final_state", "chunk_size", "backend", "cu_seqlens"}
 )
 
-_GATE_ACT = {  # activation -> (opening, closing) of the call that applies it in generated code
-    "sigmoid": ("torch.sigmoid(", ")"),
-    "softplus": ("F.softplus(", ")"),
-    "exp": ("torch.exp(", ")"),
-    "tanh": ("torch.tanh(", ")"),
-    "relu": ("F.relu(", ")"),
-    "identity": ("", ""),
-}
+def _gate_act(act: str) -> tuple[str, str]:
+    """The opening and closing of the call that applies a gate's activation in generated code (its torch
+    function, from mirasc.symbolic.activations; nothing for the identity)."""
+    fn = activation(act).torch
+    return (f"{fn}(", ")") if fn else ("", "")
 
 
 @dataclass(frozen=True)
@@ -99,28 +97,12 @@ def _param(ir: LayerIR, name: str, what: str) -> Param:
 
 
 def inverse_activation(act: str, value: float) -> float:
-    """The raw value r with act(r) == value: the bias / parameter that starts a gate at its init."""
-    if act == "sigmoid":
-        if not 0.0 < value < 1.0:
-            raise CodegenError(f"sigmoid cannot start at {value}: it must lie in (0, 1)")
-        return math.log(value / (1.0 - value))
-    if act == "softplus":
-        if value <= 0.0:
-            raise CodegenError(f"softplus cannot start at {value}: it must be > 0")
-        return value + math.log(-math.expm1(-value))  # log(exp(value) - 1), stable for large values
-    if act == "exp":
-        if value <= 0.0:
-            raise CodegenError(f"exp cannot start at {value}: it must be > 0")
-        return math.log(value)
-    if act == "tanh":
-        if not -1.0 < value < 1.0:
-            raise CodegenError(f"tanh cannot start at {value}: it must lie in (-1, 1)")
-        return math.atanh(value)
-    if act == "relu" and value <= 0.0:
-        raise CodegenError(f"relu cannot start at {value}: it must be > 0 (its gradient vanishes below)")
-    if act in ("relu", "identity"):
-        return float(value)
-    raise CodegenError(f"unknown activation {act!r}")
+    """The raw value r with act(r) == value: the bias / parameter that starts a gate at its init (the
+    inverse in the activation's table row, mirasc.symbolic.activations)."""
+    try:
+        return activation(act).invert(value)
+    except ValueError as exc:
+        raise CodegenError(str(exc)) from None
 
 
 def _check_supported(ir: LayerIR) -> None:
@@ -269,7 +251,7 @@ def _context(ir: LayerIR, version: str) -> dict:
         else:
             doc, step_doc = f"[B, T, H, V], {role}: a gate per token, head and value channel", "[B, H, V]"
         raw = None if p.init is None else num(inverse_activation(act, p.init))
-        opening, closing = _GATE_ACT[act]
+        opening, closing = _gate_act(act)
         entry = {
             "name": p.name,
             "public": True,
@@ -355,6 +337,8 @@ def _context(ir: LayerIR, version: str) -> dict:
         "depth": mem.depth if mlp else 1,
         "expansion": mem.expansion,
         "act": mem.act,
+        # _act and _act_grad of the MLP memory's hidden layers (printed from the activation's sympy row)
+        "act_src": torch_activation_source(mem.act, grad=mem.act != "identity") if mlp and mem.depth > 1 else "",
         "residual": mlp and mem.residual,
         "norm": mlp and mem.norm,
         "n_layers": n,

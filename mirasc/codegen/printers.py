@@ -734,5 +734,82 @@ def triton_bias_source(bias, y: str = "y", v: str = "v", w: str = "w", V: str = 
     return TritonBias(loss, grad, vj, tuple(bias.params))
 
 
-__all__ = ["TRITON_HELPERS", "TorchPrinter", "TritonBias", "TritonPrinter", "schedule", "torch_bias_source",
+
+
+# ---- activations ----------------------------------------------------------------------------------
+
+def _activation_body(expr, printer, zero_like: str) -> list[str]:
+    """Statements computing expr (in the activation's z) through cse; the last one returns it.
+
+    A constant (the identity's derivatives) is `z * 0.0 + c`, a tensor like z that keeps z's NaNs."""
+    from ..symbolic.activations import z
+
+    expr = sp.nfloat(sp.sympify(expr), n=20, exponent=False)  # numbers as floats: sqrt(2) / 2 -> 0.7071...
+    if z not in expr.free_symbols:
+        return [f"return {zero_like} + {printer.doprint(expr)}" if expr != 0 else f"return {zero_like}"]
+    temps, (reduced,) = sp.cse([expr], symbols=sp.numbered_symbols("t"), order="none")
+    # a function under an integer power is computed once (the Triton printer expands powers to products)
+    names = (sp.Symbol(f"t{i}") for i in range(len(temps), 10**6))
+    powered = sorted({p.base for p in reduced.atoms(sp.Pow) if isinstance(p.base, sp.Function)}, key=str)
+    extra = [(next(names), f) for f in powered]
+    temps += extra
+    reduced = reduced.xreplace({f: t for t, f in extra})
+    lines = [f"{t} = {printer.doprint(e)}" for t, e in temps]
+    return [*lines, f"return {printer.doprint(reduced)}"]
+
+
+def torch_activation_source(act: str, grad: bool = True) -> str:
+    """`_act(z)` and (with grad) `_act_grad(z)` for the torch and reference backends' MLP memory.
+
+    _act calls the fused torch function of the activation's table row; _act_grad is sympy's derivative
+    of the row's expression, printed."""
+    from ..symbolic.activations import activation, z
+
+    a = activation(act)
+    pr = TorchPrinter({z: "elem"}, ref="z")
+    body = f"return {a.torch}(z)" if a.torch else "return z"
+    out = ["def _act(z: torch.Tensor) -> torch.Tensor:", f'    """{a.doc}."""',
+           f"    {body}"]
+    if not grad:
+        return "\n".join(out)
+    out += ["", "", "def _act_grad(z: torch.Tensor) -> torch.Tensor:",
+            f'    """d {a.name} / dz (derived by sympy from {_short(a)})."""']
+    for line in _activation_body(a.d1, pr, "torch.zeros_like(z)"):
+        out += _wrap_stmt(line)
+    return "\n".join(out)
+
+
+def _short(a) -> str:
+    """The row's definition for a docstring (its name alone where sympy writes it so)."""
+    from ..symbolic.activations import z
+
+    text = str(a.expr.subs(z, sp.Symbol("z")))
+    return f"{a.name}(z)" if text == f"{a.name}(z)" else f"{a.name}(z) = {text}"
+
+
+def triton_activation_source(act: str) -> str:
+    """Three @triton.jit functions of the activation: `_tl_act(z)`, `_tl_dact(z)` (d act / dz) and
+    `_tl_d2act(z)` (d^2 act / dz^2), printed from its sympy expression and sympy's derivatives.
+
+    Self-contained (tanh prints inline as 2 sigmoid(2z) - 1, stable for large |z|); a constant
+    derivative is a tensor like z."""
+    from ..symbolic.activations import activation, z
+
+    a = activation(act)
+    if a.name == "softplus":  # its stable Triton form calls TRITON_HELPERS; gates are activated in torch
+        raise ValueError("softplus has no self-contained Triton form")
+    pr = TritonInlinePrinter({z: "elem"})
+    docs = (f"{a.doc}: {_short(a)}.", f"d {a.name} / dz.",
+            f"d^2 {a.name} / dz^2: the MLP backward differentiates d {a.name} / dz again.")
+    out = []
+    for fname, expr, doc in zip(("_tl_act", "_tl_dact", "_tl_d2act"), (a.expr, a.d1, a.d2), docs):
+        out += ["@triton.jit", f"def {fname}(z):", f'    """{doc}"""']
+        for line in _activation_body(expr, pr, "z * 0.0"):
+            out += _wrap_stmt(line)
+        out += ["", ""]
+    return "\n".join(out[:-2])
+
+
+__all__ = ["TRITON_HELPERS", "TorchPrinter", "TritonBias", "TritonInlinePrinter", "TritonPrinter", "num",
+           "schedule", "torch_activation_source", "torch_bias_source", "triton_activation_source",
            "triton_bias_source", "triton_expr"]
