@@ -26,6 +26,7 @@ from .._resources import resource_dir
 from ..ir import LayerIR, Operand
 from ..spec import Param
 from ..symbolic.activations import activation
+from .plan.step import StepPlan, plan_step
 from .printers import num, torch_activation_source
 from .triton import bias_params_of, input_ident, layout_of, triton_context, unsupported_reason
 from .triton_mlp import mlp_unsupported_reason, triton_mlp_context
@@ -300,6 +301,7 @@ def _context(ir: LayerIR, version: str) -> dict:
     state_tuple_doc = f"{len(names)} tensors ({', '.join(names)})"
 
     bias_src = _bias_source(ir)
+    step = plan_step(ir)
     klass = ir.bias.klass
     klass_note = {
         "independent": " (g does not depend on y: the chunked rule equals the per-token rule)",
@@ -392,6 +394,8 @@ def _context(ir: LayerIR, version: str) -> dict:
         "bias_text_lines": _wrap_text(ir.bias.text or ir.bias.name, "# "),
         "bias_params": bias_params_of(ir),
         "need_math": "math." in bias_src,
+        # the fused decode step's plan (templates/triton_step.py.j2), None when the layer has none
+        "step": step if isinstance(step, StepPlan) else None,
         **_triton_context(ir),
         **_triton_mlp_context(ir),
     }
@@ -403,8 +407,10 @@ def _triton_context(ir: LayerIR) -> dict:
     if ctx is None:
         return {"triton": False, "triton_step": False, "triton_reason": unsupported_reason(ir)}
     # With chunk kernels but no fused step, triton_reason is what step(backend="triton") says.
-    reason = "" if ctx["triton_step"] else "the fused decode step does not cover momentum yet"
-    return {"triton": True, "triton_reason": reason, "step_inputs": _step_inputs(ir), **ctx}
+    step = plan_step(ir)
+    reason = "" if isinstance(step, StepPlan) else step.reason
+    step_inputs = _step_inputs(step) if isinstance(step, StepPlan) else []
+    return {"triton": True, "triton_reason": reason, "step_inputs": step_inputs, **ctx}
 
 
 def _triton_mlp_context(ir: LayerIR) -> dict:
@@ -420,12 +426,11 @@ def _triton_mlp_context(ir: LayerIR) -> dict:
     return {"triton_mlp": True, "triton_reason": "the fused decode step covers matrix memories only", **ctx}
 
 
-def _step_inputs(ir: LayerIR) -> list[dict]:
+def _step_inputs(step: StepPlan) -> list[dict]:
     """The runtime inputs the fused step kernel reads (lr, decay, bias parameters), each once, in keyword
-    order: [{name, layout}] with layout "head" ([B, H]), "channel" ([B, H, V]) or "learnable" ([H])."""
-    used = {op for op in (ir.algorithm.lr, ir.retention.alpha, *ir.bias.params) if isinstance(op, str)}
-    return [{"name": input_ident(ir, p.name), "public": p.name, "layout": layout_of(p)}
-            for p in ir.backend_inputs() if p.name in used]
+    order, for api.py.j2: [{name, public, layout}] with layout "head" ([B, H]), "channel" ([B, H, V]) or
+    "learnable" ([H])."""
+    return [{"name": p.name, "public": p.public, "layout": p.layout} for p in step.inputs]
 
 
 def _environment() -> jinja2.Environment:
