@@ -16,6 +16,14 @@ the result keeps the dtype of y (float64, float32, bfloat16).
 `triton_bias_source(bias, ...)` prints the same three computations as lists of Triton statements over
 named tiles, for the kernel templates, plus `TRITON_HELPERS` (jit functions for what `tl` lacks).
 
+`torch_activation_source(act)` / `triton_activation_source(act)` print an activation of
+mirasc.symbolic.activations and its derivatives (sympy's) as functions of generated code; `num(x)` is a
+float as generated Python source.
+
+Both printers share one base (`_CodePrinter`), in the manner of sympy's own table-driven printers: a
+table of the functions each backend knows (sympy class name -> what to print) and small methods for
+the special cases (numbers, powers, min / max, piecewise, Heaviside).
+
 Every expression set goes through sympy's cse; the statements are then scheduled so that each reduction
 (S_r, then the VJP's R_r, then the sums of scalar-parameter VJPs) comes after what it reads.
 """
