@@ -12,9 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mirasc import catalog
 from mirasc.codegen.emit import CodegenError, inverse_activation
 from mirasc.codegen.printers import torch_activation_source, triton_activation_source
-from mirasc.symbolic.activations import ACTIVATIONS
+from mirasc.frontend.check import ACTIVATION_RANGE
+from mirasc.symbolic.activations import ACTIVATIONS, GATES, HIDDEN
 
 # The torch forward the oracle differentiates: written here independently of the table.
 TORCH = {
@@ -30,6 +32,14 @@ _COUNTER = itertools.count()
 
 def test_every_activation_has_an_oracle():
     assert set(ACTIVATIONS) == set(TORCH)
+
+
+def test_the_language_offers_the_table_rows():
+    """The spec checker's lists and ranges are the table's (they are written out in mirasc.catalog and
+    mirasc.frontend.check)."""
+    assert set(catalog.ACTIVATIONS) == set(HIDDEN)
+    assert set(catalog.GATE_ACTIVATIONS) == set(GATES)
+    assert ACTIVATION_RANGE == {n: ACTIVATIONS[n].values for n in GATES}
 
 
 def _inputs(name: str, seed: int, dtype=torch.float64) -> torch.Tensor:
@@ -75,6 +85,7 @@ def act_kernel(z_ptr, a_ptr, d1_ptr, d2_ptr, N: tl.constexpr):
 """
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # sigmoid(-120): 0, right
 @pytest.mark.parametrize("name", TRITON_ACTS)
 def test_triton_activation_matches_autograd(name, tmp_path):
     pytest.importorskip("triton")

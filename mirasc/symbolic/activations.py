@@ -43,6 +43,7 @@ class Activation:
     values: tuple[float, float] = (-math.inf, math.inf)  # the open interval act maps onto
     inverse: sp.Expr | None = None  # r(u) with act(r(u)) == u on `values` (None: not a gate activation)
     note: str = ""  # why an init at the interval's edge is refused, when that is not obvious
+    hidden: bool = False  # an MLP memory's hidden activation (`memory mlp(act=...)`)
 
     @cached_property
     def d1(self) -> sp.Expr:
@@ -70,17 +71,23 @@ def _lambdify(expr: sp.Expr):
 
 
 ACTIVATIONS: dict[str, Activation] = {a.name: a for a in (
-    Activation("gelu", z / 2 * (1 + sp.erf(z / sp.sqrt(2))), "GELU, the exact erf form", "F.gelu"),
-    Activation("silu", z * sigmoid(z), "SiLU", "F.silu"),
+    Activation("gelu", z / 2 * (1 + sp.erf(z / sp.sqrt(2))), "GELU, the exact erf form", "F.gelu",
+               hidden=True),
+    Activation("silu", z * sigmoid(z), "SiLU", "F.silu", hidden=True),
     Activation("relu", sp.Max(z, 0), "ReLU", "F.relu", (0.0, math.inf), u,
-               " (its gradient vanishes below)"),
-    Activation("tanh", sp.tanh(z), "The hyperbolic tangent", "torch.tanh", (-1.0, 1.0), sp.atanh(u)),
-    Activation("identity", z, "The identity", None, (-math.inf, math.inf), u),
+               " (its gradient vanishes below)", hidden=True),
+    Activation("tanh", sp.tanh(z), "The hyperbolic tangent", "torch.tanh", (-1.0, 1.0), sp.atanh(u),
+               hidden=True),
+    Activation("identity", z, "The identity", None, (-math.inf, math.inf), u, hidden=True),
     Activation("sigmoid", sigmoid(z), "The logistic sigmoid", "torch.sigmoid", (0.0, 1.0), sp.log(u / (1 - u))),
     # log(exp(u) - 1) computed as u + log(1 - exp(-u)), stable for large u
     Activation("softplus", softplus(z), "Softplus", "F.softplus", (0.0, math.inf), u + sp.log(-expm1(-u))),
     Activation("exp", sp.exp(z), "The exponential", "torch.exp", (0.0, math.inf), sp.log(u)),
 )}
+
+
+HIDDEN = tuple(n for n, a in ACTIVATIONS.items() if a.hidden)  # memory mlp(act=...)
+GATES = tuple(n for n, a in ACTIVATIONS.items() if a.inverse is not None)  # gates and learnables
 
 
 def activation(name: str) -> Activation:
@@ -90,4 +97,4 @@ def activation(name: str) -> Activation:
         raise ValueError(f"unknown activation {name!r}") from None
 
 
-__all__ = ["ACTIVATIONS", "Activation", "activation", "u", "z"]
+__all__ = ["ACTIVATIONS", "GATES", "HIDDEN", "Activation", "activation", "u", "z"]
