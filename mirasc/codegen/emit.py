@@ -25,6 +25,9 @@ from .. import per_head
 from .._resources import resource_dir
 from ..ir import LayerIR, Operand
 from ..spec import Param
+from ..symbolic.activations import activation
+from .plan.step import StepPlan, plan_step
+from .printers import num, torch_activation_source
 from .triton import bias_params_of, input_ident, layout_of, triton_context, unsupported_reason
 from .triton_mlp import mlp_unsupported_reason, triton_mlp_context
 
@@ -38,22 +41,11 @@ _ARGUMENT_NAMES = frozenset(
     {"q", "k", "v", "state", "initial_state", "output_final_state", "chunk_size", "backend", "cu_seqlens"}
 )
 
-_GATE_ACT = {  # activation -> (opening, closing) of the call that applies it in generated code
-    "sigmoid": ("torch.sigmoid(", ")"),
-    "softplus": ("F.softplus(", ")"),
-    "exp": ("torch.exp(", ")"),
-    "tanh": ("torch.tanh(", ")"),
-    "relu": ("F.relu(", ")"),
-    "identity": ("", ""),
-}
-
-
-def _num(x: float) -> str:
-    """A float as Python source (repr round-trips exactly)."""
-    x = float(x)
-    if math.isinf(x):
-        return 'float("inf")' if x > 0 else '-float("inf")'
-    return repr(x)
+def _gate_act(act: str) -> tuple[str, str]:
+    """The opening and closing of the call that applies a gate's activation in generated code (its torch
+    function, from mirasc.symbolic.activations; nothing for the identity)."""
+    fn = activation(act).torch
+    return (f"{fn}(", ")") if fn else ("", "")
 
 
 @dataclass(frozen=True)
@@ -76,14 +68,14 @@ class _Operand:
         return self.lit == 1.0
 
     def at(self, idx: str) -> str:
-        return _num(self.lit) if self.name is None else f'params["{self.name}"][:, :, {idx}]'
+        return num(self.lit) if self.name is None else f'params["{self.name}"][:, :, {idx}]'
 
     def bcast(self, idx: str) -> str:
-        return _num(self.lit) if self.name is None else f'params["{self.name}"][:, :, {idx}, None]'
+        return num(self.lit) if self.name is None else f'params["{self.name}"][:, :, {idx}, None]'
 
     def chunk(self, idx: str) -> str:
         if self.name is None:
-            return f"qc.new_full((B, H, e - s, 1), {_num(self.lit)})"
+            return f"qc.new_full((B, H, e - s, 1), {num(self.lit)})"
         return f'params["{self.name}"][:, :, {idx}]'
 
 
@@ -106,28 +98,12 @@ def _param(ir: LayerIR, name: str, what: str) -> Param:
 
 
 def inverse_activation(act: str, value: float) -> float:
-    """The raw value r with act(r) == value: the bias / parameter that starts a gate at its init."""
-    if act == "sigmoid":
-        if not 0.0 < value < 1.0:
-            raise CodegenError(f"sigmoid cannot start at {value}: it must lie in (0, 1)")
-        return math.log(value / (1.0 - value))
-    if act == "softplus":
-        if value <= 0.0:
-            raise CodegenError(f"softplus cannot start at {value}: it must be > 0")
-        return value + math.log(-math.expm1(-value))  # log(exp(value) - 1), stable for large values
-    if act == "exp":
-        if value <= 0.0:
-            raise CodegenError(f"exp cannot start at {value}: it must be > 0")
-        return math.log(value)
-    if act == "tanh":
-        if not -1.0 < value < 1.0:
-            raise CodegenError(f"tanh cannot start at {value}: it must lie in (-1, 1)")
-        return math.atanh(value)
-    if act == "relu" and value <= 0.0:
-        raise CodegenError(f"relu cannot start at {value}: it must be > 0 (its gradient vanishes below)")
-    if act in ("relu", "identity"):
-        return float(value)
-    raise CodegenError(f"unknown activation {act!r}")
+    """The raw value r with act(r) == value: the bias / parameter that starts a gate at its init (the
+    inverse in the activation's table row, mirasc.symbolic.activations)."""
+    try:
+        return activation(act).invert(value)
+    except ValueError as exc:
+        raise CodegenError(str(exc)) from None
 
 
 def _check_supported(ir: LayerIR) -> None:
@@ -275,8 +251,8 @@ def _context(ir: LayerIR, version: str) -> dict:
             doc, step_doc = f"[B, T, H], {role}: a gate per token and head", "[B, H]"
         else:
             doc, step_doc = f"[B, T, H, V], {role}: a gate per token, head and value channel", "[B, H, V]"
-        raw = None if p.init is None else _num(inverse_activation(act, p.init))
-        opening, closing = _GATE_ACT[act]
+        raw = None if p.init is None else num(inverse_activation(act, p.init))
+        opening, closing = _gate_act(act)
         entry = {
             "name": p.name,
             "public": True,
@@ -325,13 +301,14 @@ def _context(ir: LayerIR, version: str) -> dict:
     state_tuple_doc = f"{len(names)} tensors ({', '.join(names)})"
 
     bias_src = _bias_source(ir)
+    step = plan_step(ir)
     klass = ir.bias.klass
     klass_note = {
         "independent": " (g does not depend on y: the chunked rule equals the per-token rule)",
         "affine": " (g = y - c(v), the delta-rule class)",
         "nonlinear": "",
     }[klass]
-    terms = ([f"decay({alpha.name or _num(alpha.lit)})"] if has_decay else []) + (
+    terms = ([f"decay({alpha.name or num(alpha.lit)})"] if has_decay else []) + (
         [] if ret.map == "id" else [ret.map]
     )
     mlp_text = (
@@ -362,6 +339,8 @@ def _context(ir: LayerIR, version: str) -> dict:
         "depth": mem.depth if mlp else 1,
         "expansion": mem.expansion,
         "act": mem.act,
+        # _act and _act_grad of the MLP memory's hidden layers (printed from the activation's sympy row)
+        "act_src": torch_activation_source(mem.act, grad=mem.act != "identity") if mlp and mem.depth > 1 else "",
         "residual": mlp and mem.residual,
         "norm": mlp and mem.norm,
         "n_layers": n,
@@ -392,10 +371,10 @@ def _context(ir: LayerIR, version: str) -> dict:
         "prox": prox,
         "gamma_tensor": gamma_tensor,
         "retention_text": " + ".join(terms) or "none",
-        "lq_q": _num(ret.q),
-        "lq_power": _num((ret.q - 2.0) / ret.q),
-        "lq_at_zero": _num(0.0 if ret.q > 2.0 else math.inf),
-        "lq_eps": _num(ret.eps),
+        "lq_q": num(ret.q),
+        "lq_power": num((ret.q - 2.0) / ret.q),
+        "lq_at_zero": num(0.0 if ret.q > 2.0 else math.inf),
+        "lq_eps": num(ret.eps),
         "kl_axis": ret.axis,
         "kl_scale": float(ret.scale),
         "channel_coef": (alpha.channel and has_decay) or (momentum and beta.channel),
@@ -415,6 +394,8 @@ def _context(ir: LayerIR, version: str) -> dict:
         "bias_text_lines": _wrap_text(ir.bias.text or ir.bias.name, "# "),
         "bias_params": bias_params_of(ir),
         "need_math": "math." in bias_src,
+        # the fused decode step's plan (templates/triton_step.py.j2), None when the layer has none
+        "step": step if isinstance(step, StepPlan) else None,
         **_triton_context(ir),
         **_triton_mlp_context(ir),
     }
@@ -426,8 +407,10 @@ def _triton_context(ir: LayerIR) -> dict:
     if ctx is None:
         return {"triton": False, "triton_step": False, "triton_reason": unsupported_reason(ir)}
     # With chunk kernels but no fused step, triton_reason is what step(backend="triton") says.
-    reason = "" if ctx["triton_step"] else "the fused decode step does not cover momentum yet"
-    return {"triton": True, "triton_reason": reason, "step_inputs": _step_inputs(ir), **ctx}
+    step = plan_step(ir)
+    reason = "" if isinstance(step, StepPlan) else step.reason
+    step_inputs = _step_inputs(step) if isinstance(step, StepPlan) else []
+    return {"triton": True, "triton_reason": reason, "step_inputs": step_inputs, **ctx}
 
 
 def _triton_mlp_context(ir: LayerIR) -> dict:
@@ -443,12 +426,11 @@ def _triton_mlp_context(ir: LayerIR) -> dict:
     return {"triton_mlp": True, "triton_reason": "the fused decode step covers matrix memories only", **ctx}
 
 
-def _step_inputs(ir: LayerIR) -> list[dict]:
+def _step_inputs(step: StepPlan) -> list[dict]:
     """The runtime inputs the fused step kernel reads (lr, decay, bias parameters), each once, in keyword
-    order: [{name, layout}] with layout "head" ([B, H]), "channel" ([B, H, V]) or "learnable" ([H])."""
-    used = {op for op in (ir.algorithm.lr, ir.retention.alpha, *ir.bias.params) if isinstance(op, str)}
-    return [{"name": input_ident(ir, p.name), "public": p.name, "layout": layout_of(p)}
-            for p in ir.backend_inputs() if p.name in used]
+    order, for api.py.j2: [{name, public, layout}] with layout "head" ([B, H]), "channel" ([B, H, V]) or
+    "learnable" ([H])."""
+    return [{"name": p.name, "public": p.public, "layout": p.layout} for p in step.inputs]
 
 
 def _environment() -> jinja2.Environment:

@@ -16,6 +16,14 @@ the result keeps the dtype of y (float64, float32, bfloat16).
 `triton_bias_source(bias, ...)` prints the same three computations as lists of Triton statements over
 named tiles, for the kernel templates, plus `TRITON_HELPERS` (jit functions for what `tl` lacks).
 
+`torch_activation_source(act)` / `triton_activation_source(act)` print an activation of
+mirasc.symbolic.activations and its derivatives (sympy's) as functions of generated code; `num(x)` is a
+float as generated Python source.
+
+Both printers share one base (`_CodePrinter`), in the manner of sympy's own table-driven printers: a
+table of the functions each backend knows (sympy class name -> what to print) and small methods for
+the special cases (numbers, powers, min / max, piecewise, Heaviside).
+
 Every expression set goes through sympy's cse; the statements are then scheduled so that each reduction
 (S_r, then the VJP's R_r, then the sums of scalar-parameter VJPs) comes after what it reads.
 """
@@ -24,18 +32,28 @@ from __future__ import annotations
 import keyword
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import sympy as sp
 from sympy.printing.precedence import precedence
 from sympy.printing.pycode import PythonCodePrinter
 
-# ---- shared: kinds of values ----------------------------------------------------------------------
+# ---- shared: kinds of values and numbers -----------------------------------------------------------
 # "py": a Python number (the value dim V and numbers); "token": one value per token ([..., 1]);
 # "elem": one value per coordinate ([..., V]).
 _RANK = {"py": 0, "token": 1, "elem": 2}
 
 
+def num(x: float) -> str:
+    """A float as Python source for generated code (repr round-trips exactly; infinities as float())."""
+    x = float(x)
+    if math.isinf(x):
+        return 'float("inf")' if x > 0 else '-float("inf")'
+    return repr(x)
+
+
 def _num_str(x) -> str:
+    """A float inside printed torch expressions (the bias functions import math)."""
     x = float(x)
     if math.isnan(x):
         return "math.nan"
@@ -44,10 +62,26 @@ def _num_str(x) -> str:
     return repr(x)
 
 
-class _KindMixin:
-    """Knows which symbols are Python numbers, per-token or per-coordinate tensors."""
+class _CodePrinter(PythonCodePrinter):
+    """What the torch and Triton printers share, in the manner of sympy's table-driven printers
+    (sympy.printing.pycode): a subclass gives FUNCTIONS, its table of known functions (sympy class name
+    -> what to print), and methods only for the special cases (numbers, powers, min/max, piecewise).
 
-    kinds: dict
+    `kinds` maps symbols to "py" / "token" / "elem" (unknown symbols are tensors), so a printer can tell
+    Python numbers from tensors.
+    """
+
+    FUNCTIONS: ClassVar[dict] = {}
+    BACKEND = ""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name in cls.FUNCTIONS:  # sympy dispatches on _print_<class name>; every table row prints alike
+            setattr(cls, f"_print_{name}", cls._print_Function)
+
+    def __init__(self, kinds: dict | None = None, settings=None):
+        super().__init__(dict(settings or {}, fully_qualified_modules=True))
+        self.kinds = dict(kinds or {})
 
     def kind(self, expr) -> str:
         k = "py"
@@ -60,30 +94,76 @@ class _KindMixin:
     def is_py(self, expr) -> bool:
         return self.kind(expr) == "py"
 
+    def _args(self, expr) -> str:
+        return ", ".join(self._print(a) for a in expr.args)
+
+    def _function(self, name: str, expr) -> str:
+        """A call of the table's function `name` (a subclass may choose by the arguments' kind)."""
+        return f"{self.FUNCTIONS[name]}({self._args(expr)})"
+
+    def _print_Function(self, expr):
+        name = type(expr).__name__
+        if name not in self.FUNCTIONS:
+            raise NotImplementedError(f"the {self.BACKEND} printer does not know the function {name!r}")
+        return self._function(name, expr)
+
+    def _print_Half(self, expr):
+        return "0.5"
+
+    def _print_BooleanTrue(self, expr):
+        return "True"
+
+    def _print_BooleanFalse(self, expr):
+        return "False"
+
+    def _print_Symbol(self, expr):
+        return expr.name
+
+    def _print_Relational(self, expr):
+        return f"({self._print(expr.lhs)} {expr.rel_op} {self._print(expr.rhs)})"
+
+    # elementwise logic on boolean tensors (the torch printer uses Python's for numbers)
+    def _print_And(self, expr):
+        return "(" + " & ".join(self._print(a) for a in expr.args) + ")"
+
+    def _print_Or(self, expr):
+        return "(" + " | ".join(self._print(a) for a in expr.args) + ")"
+
+    def _print_Not(self, expr):
+        return f"(~{self._print(expr.args[0])})"
+
 
 # ---- torch ----------------------------------------------------------------------------------------
 
-_TORCH_FUNCS = {
-    "exp": ("torch.exp", "math.exp"), "log": ("torch.log", "math.log"), "sqrt": ("torch.sqrt", "math.sqrt"),
-    "tanh": ("torch.tanh", "math.tanh"), "cosh": ("torch.cosh", "math.cosh"),
-    "sinh": ("torch.sinh", "math.sinh"), "sin": ("torch.sin", "math.sin"), "cos": ("torch.cos", "math.cos"),
-    "log1p": ("torch.log1p", "math.log1p"), "sigmoid": ("torch.sigmoid", None),
-    "softplus": ("torch.nn.functional.softplus", None), "Abs": ("torch.abs", "abs"),
-    "sign": ("torch.sign", None), "atan": ("torch.atan", "math.atan"), "erf": ("torch.erf", "math.erf"),
-}
-
-
-class TorchPrinter(_KindMixin, PythonCodePrinter):
+class TorchPrinter(_CodePrinter):
     """sympy -> PyTorch expression source.
 
-    `kinds` maps symbols to "py" / "token" / "elem" (unknown symbols are tensors); `ref` names a tensor
+    Each function maps to (tensor function, math twin for Python numbers or None); `ref` names a tensor
     whose dtype and device numeric-only branches take (torch.where of two numbers).
     """
 
+    BACKEND = "torch"
+    FUNCTIONS: ClassVar[dict] = {
+        "exp": ("torch.exp", "math.exp"), "log": ("torch.log", "math.log"), "sqrt": ("torch.sqrt", "math.sqrt"),
+        "tanh": ("torch.tanh", "math.tanh"), "cosh": ("torch.cosh", "math.cosh"),
+        "sinh": ("torch.sinh", "math.sinh"), "sin": ("torch.sin", "math.sin"), "cos": ("torch.cos", "math.cos"),
+        "log1p": ("torch.log1p", "math.log1p"), "sigmoid": ("torch.sigmoid", None),
+        "softplus": ("torch.nn.functional.softplus", None), "Abs": ("torch.abs", "abs"),
+        "sign": ("torch.sign", None), "atan": ("torch.atan", "math.atan"), "erf": ("torch.erf", "math.erf"),
+    }
+
     def __init__(self, kinds: dict | None = None, ref: str = "y", settings=None):
-        super().__init__(dict(settings or {}, fully_qualified_modules=True))
-        self.kinds = dict(kinds or {})
+        super().__init__(kinds, settings)
         self.ref = ref
+
+    def _function(self, name, expr):
+        tfn, mfn = self.FUNCTIONS[name]
+        args = self._args(expr)
+        if self.is_py(expr) and mfn is not None:
+            return f"{mfn}({args})"
+        if self.is_py(expr):  # no math twin: evaluate through a 0-d tensor of y's dtype
+            return f"{tfn}({self.ref}.new_tensor({args}))"
+        return f"{tfn}({args})"
 
     # numbers
     def _print_Float(self, expr):
@@ -95,20 +175,11 @@ class TorchPrinter(_KindMixin, PythonCodePrinter):
     def _print_Rational(self, expr):
         return f"({expr.p}/{expr.q})"
 
-    def _print_Half(self, expr):
-        return "0.5"
-
     def _print_Pi(self, expr):
         return "math.pi"
 
     def _print_Exp1(self, expr):
         return "math.e"
-
-    def _print_BooleanTrue(self, expr):
-        return "True"
-
-    def _print_BooleanFalse(self, expr):
-        return "False"
 
     # powers
     def _print_Pow(self, expr, rational=False):
@@ -129,23 +200,6 @@ class TorchPrinter(_KindMixin, PythonCodePrinter):
         if e.startswith("-"):
             e = f"({e})"
         return f"{b}**{e}"
-
-    # functions
-    def _print_Function(self, expr):
-        name = type(expr).__name__
-        if name in _TORCH_FUNCS:
-            tfn, mfn = _TORCH_FUNCS[name]
-            args = ", ".join(self._print(a) for a in expr.args)
-            if self.is_py(expr) and mfn is not None:
-                return f"{mfn}({args})"
-            if self.is_py(expr):  # no math twin: evaluate through a 0-d tensor of y's dtype
-                return f"{tfn}({self.ref}.new_tensor({args}))"
-            return f"{tfn}({args})"
-        raise NotImplementedError(f"the torch printer does not know the function {name!r}")
-
-    _print_exp = _print_log = _print_tanh = _print_cosh = _print_sinh = _print_sin = _print_cos = _print_Function
-    _print_log1p = _print_sigmoid = _print_softplus = _print_Abs = _print_sign = _print_Function
-    _print_atan = _print_erf = _print_Function
 
     def _print_Heaviside(self, expr):
         x = expr.args[0]
@@ -173,20 +227,15 @@ class TorchPrinter(_KindMixin, PythonCodePrinter):
     def _print_Max(self, expr):
         return self._minmax(expr, "torch.maximum", "min", "max")
 
-    # logic
-    def _print_Relational(self, expr):
-        return f"({self._print(expr.lhs)} {expr.rel_op} {self._print(expr.rhs)})"
-
+    # logic: Python's operators between numbers
     def _print_And(self, expr):
-        op = " and " if self.is_py(expr) else " & "
-        return "(" + op.join(self._print(a) for a in expr.args) + ")"
+        return "(" + " and ".join(self._print(a) for a in expr.args) + ")" if self.is_py(expr) else super()._print_And(expr)
 
     def _print_Or(self, expr):
-        op = " or " if self.is_py(expr) else " | "
-        return "(" + op.join(self._print(a) for a in expr.args) + ")"
+        return "(" + " or ".join(self._print(a) for a in expr.args) + ")" if self.is_py(expr) else super()._print_Or(expr)
 
     def _print_Not(self, expr):
-        return f"(not {self._print(expr.args[0])})" if self.is_py(expr) else f"(~{self._print(expr.args[0])})"
+        return f"(not {self._print(expr.args[0])})" if self.is_py(expr) else super()._print_Not(expr)
 
     def _print_Piecewise(self, expr):
         pieces = list(expr.args)
@@ -208,9 +257,6 @@ class TorchPrinter(_KindMixin, PythonCodePrinter):
             acc = f"torch.where({self._print(c)}, {a}, {acc})"
             acc_py = False
         return acc
-
-    def _print_Symbol(self, expr):
-        return expr.name
 
 
 # ---- Triton ---------------------------------------------------------------------------------------
@@ -248,22 +294,19 @@ def _mx_sign(x):
     return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
 '''
 
-_TRITON_FUNCS = {
-    "exp": "tl.exp", "log": "tl.log", "sqrt": "tl.sqrt", "sin": "tl.sin", "cos": "tl.cos",
-    "Abs": "tl.abs", "sigmoid": "tl.sigmoid", "erf": "tl.erf",
-    "tanh": "_mx_tanh", "cosh": "_mx_cosh", "sinh": "_mx_sinh", "log1p": "_mx_log1p",
-    "softplus": "_mx_softplus", "sign": "_mx_sign",
-}
 
-
-class TritonPrinter(_KindMixin, PythonCodePrinter):
+class TritonPrinter(_CodePrinter):
     """sympy -> Triton (`tl.*`) expression source.  Numbers print as float literals; integer powers
     expand to products; a non-integer power b^p prints as exp(p log b) (b must be positive: the
     library's powers are of sqrt(x^2 + eps)); functions tl lacks call the TRITON_HELPERS."""
 
-    def __init__(self, kinds: dict | None = None, settings=None):
-        super().__init__(dict(settings or {}, fully_qualified_modules=True))
-        self.kinds = dict(kinds or {})
+    BACKEND = "triton"
+    FUNCTIONS: ClassVar[dict] = {
+        "exp": "tl.exp", "log": "tl.log", "sqrt": "tl.sqrt", "sin": "tl.sin", "cos": "tl.cos",
+        "Abs": "tl.abs", "sigmoid": "tl.sigmoid", "erf": "tl.erf",
+        "tanh": "_mx_tanh", "cosh": "_mx_cosh", "sinh": "_mx_sinh", "log1p": "_mx_log1p",
+        "softplus": "_mx_softplus", "sign": "_mx_sign",
+    }
 
     def _print_Float(self, expr):
         x = float(expr)
@@ -277,17 +320,11 @@ class TritonPrinter(_KindMixin, PythonCodePrinter):
     def _print_Rational(self, expr):
         return repr(expr.p / expr.q)
 
-    def _print_Half(self, expr):
-        return "0.5"
-
     def _print_Pi(self, expr):
         return repr(3.141592653589793)
 
     def _print_Exp1(self, expr):
         return repr(2.718281828459045)
-
-    def _print_BooleanTrue(self, expr):
-        return "True"
 
     def _print_Pow(self, expr, rational=False):
         base, ex = expr.base, expr.exp
@@ -305,42 +342,20 @@ class TritonPrinter(_KindMixin, PythonCodePrinter):
             return f"({prod})" if ex > 0 else f"(1.0/({prod}))"
         return f"tl.exp({self._print(ex)}*tl.log({self._print(base)}))"
 
-    def _print_Function(self, expr):
-        name = type(expr).__name__
-        if name not in _TRITON_FUNCS:
-            raise NotImplementedError(f"the triton printer does not know the function {name!r}")
-        return f"{_TRITON_FUNCS[name]}({', '.join(self._print(a) for a in expr.args)})"
-
-    _print_exp = _print_log = _print_tanh = _print_cosh = _print_sinh = _print_sin = _print_cos = _print_Function
-    _print_log1p = _print_sigmoid = _print_softplus = _print_Abs = _print_sign = _print_Function
-    _print_erf = _print_Function
-
     def _print_Heaviside(self, expr):
         return f"tl.where({self._print(expr.args[0])} > 0, 1.0, 0.0)"
 
-    def _print_Min(self, expr):
+    def _minmax(self, expr, fn: str):
         out = self._print(expr.args[0])
         for a in expr.args[1:]:
-            out = f"tl.minimum({out}, {self._print(a)})"
+            out = f"{fn}({out}, {self._print(a)})"
         return out
+
+    def _print_Min(self, expr):
+        return self._minmax(expr, "tl.minimum")
 
     def _print_Max(self, expr):
-        out = self._print(expr.args[0])
-        for a in expr.args[1:]:
-            out = f"tl.maximum({out}, {self._print(a)})"
-        return out
-
-    def _print_Relational(self, expr):
-        return f"({self._print(expr.lhs)} {expr.rel_op} {self._print(expr.rhs)})"
-
-    def _print_And(self, expr):
-        return "(" + " & ".join(self._print(a) for a in expr.args) + ")"
-
-    def _print_Or(self, expr):
-        return "(" + " | ".join(self._print(a) for a in expr.args) + ")"
-
-    def _print_Not(self, expr):
-        return f"(~{self._print(expr.args[0])})"
+        return self._minmax(expr, "tl.maximum")
 
     def _print_Piecewise(self, expr):
         pieces = list(expr.args)
@@ -351,8 +366,17 @@ class TritonPrinter(_KindMixin, PythonCodePrinter):
             acc = f"tl.where({self._print(c)}, {self._print(e)}, {acc})"
         return acc
 
-    def _print_Symbol(self, expr):
-        return expr.name
+
+class TritonInlinePrinter(TritonPrinter):
+    """The Triton printer for functions that must stand alone (the activations pasted into kernels that
+    do not carry TRITON_HELPERS): the helpers' one-line forms print inline."""
+
+    INLINE: ClassVar[dict] = {"tanh": "(2.0 * tl.sigmoid(2.0 * {x}) - 1.0)"}
+
+    def _function(self, name, expr):
+        if name in self.INLINE:
+            return self.INLINE[name].format(x=self._print(expr.args[0]))
+        return super()._function(name, expr)
 
 
 # ---- scheduling: cse, then statements in dependency order -----------------------------------------
@@ -718,5 +742,82 @@ def triton_bias_source(bias, y: str = "y", v: str = "v", w: str = "w", V: str = 
     return TritonBias(loss, grad, vj, tuple(bias.params))
 
 
-__all__ = ["TRITON_HELPERS", "TorchPrinter", "TritonBias", "TritonPrinter", "schedule", "torch_bias_source",
+
+
+# ---- activations ----------------------------------------------------------------------------------
+
+def _activation_body(expr, printer, zero_like: str) -> list[str]:
+    """Statements computing expr (in the activation's z) through cse; the last one returns it.
+
+    A constant (the identity's derivatives) is `z * 0.0 + c`, a tensor like z that keeps z's NaNs."""
+    from ..symbolic.activations import z
+
+    expr = sp.nfloat(sp.sympify(expr), n=20, exponent=False)  # numbers as floats: sqrt(2) / 2 -> 0.7071...
+    if z not in expr.free_symbols:
+        return [f"return {zero_like} + {printer.doprint(expr)}" if expr != 0 else f"return {zero_like}"]
+    temps, (reduced,) = sp.cse([expr], symbols=sp.numbered_symbols("t"), order="none")
+    # a function under an integer power is computed once (the Triton printer expands powers to products)
+    names = (sp.Symbol(f"t{i}") for i in range(len(temps), 10**6))
+    powered = sorted({p.base for p in reduced.atoms(sp.Pow) if isinstance(p.base, sp.Function)}, key=str)
+    extra = [(next(names), f) for f in powered]
+    temps += extra
+    reduced = reduced.xreplace({f: t for t, f in extra})
+    lines = [f"{t} = {printer.doprint(e)}" for t, e in temps]
+    return [*lines, f"return {printer.doprint(reduced)}"]
+
+
+def torch_activation_source(act: str, grad: bool = True) -> str:
+    """`_act(z)` and (with grad) `_act_grad(z)` for the torch and reference backends' MLP memory.
+
+    _act calls the fused torch function of the activation's table row; _act_grad is sympy's derivative
+    of the row's expression, printed."""
+    from ..symbolic.activations import activation, z
+
+    a = activation(act)
+    pr = TorchPrinter({z: "elem"}, ref="z")
+    body = f"return {a.torch}(z)" if a.torch else "return z"
+    out = ["def _act(z: torch.Tensor) -> torch.Tensor:", f'    """{a.doc}."""',
+           f"    {body}"]
+    if not grad:
+        return "\n".join(out)
+    out += ["", "", "def _act_grad(z: torch.Tensor) -> torch.Tensor:",
+            f'    """d {a.name} / dz (derived by sympy from {_short(a)})."""']
+    for line in _activation_body(a.d1, pr, "torch.zeros_like(z)"):
+        out += _wrap_stmt(line)
+    return "\n".join(out)
+
+
+def _short(a) -> str:
+    """The row's definition for a docstring (its name alone where sympy writes it so)."""
+    from ..symbolic.activations import z
+
+    text = str(a.expr.subs(z, sp.Symbol("z")))
+    return f"{a.name}(z)" if text == f"{a.name}(z)" else f"{a.name}(z) = {text}"
+
+
+def triton_activation_source(act: str) -> str:
+    """Three @triton.jit functions of the activation: `_tl_act(z)`, `_tl_dact(z)` (d act / dz) and
+    `_tl_d2act(z)` (d^2 act / dz^2), printed from its sympy expression and sympy's derivatives.
+
+    Self-contained (tanh prints inline as 2 sigmoid(2z) - 1, stable for large |z|); a constant
+    derivative is a tensor like z."""
+    from ..symbolic.activations import activation, z
+
+    a = activation(act)
+    if a.name == "softplus":  # its stable Triton form calls TRITON_HELPERS; gates are activated in torch
+        raise ValueError("softplus has no self-contained Triton form")
+    pr = TritonInlinePrinter({z: "elem"})
+    docs = (f"{a.doc}: {_short(a)}.", f"d {a.name} / dz.",
+            f"d^2 {a.name} / dz^2: the MLP backward differentiates d {a.name} / dz again.")
+    out = []
+    for fname, expr, doc in zip(("_tl_act", "_tl_dact", "_tl_d2act"), (a.expr, a.d1, a.d2), docs):
+        out += ["@triton.jit", f"def {fname}(z):", f'    """{doc}"""']
+        for line in _activation_body(expr, pr, "z * 0.0"):
+            out += _wrap_stmt(line)
+        out += ["", ""]
+    return "\n".join(out[:-2])
+
+
+__all__ = ["TRITON_HELPERS", "TorchPrinter", "TritonBias", "TritonInlinePrinter", "TritonPrinter", "num",
+           "schedule", "torch_activation_source", "torch_bias_source", "triton_activation_source",
            "triton_bias_source", "triton_expr"]
