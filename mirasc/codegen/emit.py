@@ -25,7 +25,9 @@ from .. import per_head
 from .._resources import resource_dir
 from ..ir import LayerIR, Operand
 from ..spec import Param
-from .triton import bias_params_of, input_ident, layout_of, triton_context, unsupported_reason
+from .plan import Refusal
+from .plan.linear import plan_linear
+from .triton import bias_params_of, input_ident, layout_of
 from .triton_mlp import mlp_unsupported_reason, triton_mlp_context
 
 
@@ -421,13 +423,19 @@ def _context(ir: LayerIR, version: str) -> dict:
 
 
 def _triton_context(ir: LayerIR) -> dict:
-    """The Triton kernel family's variables (templates/triton_linear.py.j2), or why there is none."""
-    ctx = triton_context(ir)
-    if ctx is None:
-        return {"triton": False, "triton_step": False, "triton_reason": unsupported_reason(ir)}
+    """The matrix-memory kernels' plan as `linear` (templates/triton_linear_*.py.j2; None when refused),
+    and the few top-level keys other templates read (api.py.j2, triton_step.py.j2)."""
+    plan = plan_linear(ir)
+    if isinstance(plan, Refusal):
+        return {"linear": None, "triton": False, "triton_step": False, "triton_reason": plan.reason}
     # With chunk kernels but no fused step, triton_reason is what step(backend="triton") says.
-    reason = "" if ctx["triton_step"] else "the fused decode step does not cover momentum yet"
-    return {"triton": True, "triton_reason": reason, "step_inputs": _step_inputs(ir), **ctx}
+    reason = "" if plan.step else "the fused decode step does not cover momentum yet"
+    return {
+        "linear": plan, "triton": True, "triton_reason": reason, "step_inputs": _step_inputs(ir),
+        "triton_step": plan.step, "needs_y": plan.needs_y, "triton_eta": plan.eta_source,
+        "triton_alpha": plan.alpha_source, "triton_beta": plan.beta_source,
+        "triton_bias_args": list(plan.bias_args),
+    }
 
 
 def _triton_mlp_context(ir: LayerIR) -> dict:
