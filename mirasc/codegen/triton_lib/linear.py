@@ -57,16 +57,6 @@ def _load_gate(ptr, row, tmask, v_off, m_v, CHANNEL: tl.constexpr, other: tl.con
 
 
 @triton.jit
-def _store_gate(ptr, x, row, tmask, v_off, m_v, CHANNEL: tl.constexpr):
-    """Store the cotangent x [BT, BV] of a gate read by _load_gate: summed over the value channels for
-    a per-head gate."""
-    if CHANNEL:
-        tl.store(ptr + v_off, x, mask=m_v)
-    else:
-        tl.store(ptr + row, tl.sum(x, axis=1), mask=tmask)
-
-
-@triton.jit
 def _log_decays(alpha_ptr, row, tmask, rt, BT: tl.constexpr):
     """The tile's per-head decays: (alpha, la = log alpha, b = cumsum(la), b at the last token), [BT]
     each; no decay (alpha_ptr None) is alpha = 1."""
