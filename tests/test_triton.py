@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 
 from conftest import flatten_state, make_inputs
 
-from mirasc.codegen.triton import unsupported_reason
+from mirasc.codegen.plan.linear import refusal_reason as unsupported_reason
 from mirasc.compiler import compile_spec
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -26,9 +26,11 @@ from .._resources import resource_dir
 from ..ir import LayerIR, Operand
 from ..spec import Param
 from ..symbolic.activations import activation
+from .plan import Refusal
+from .plan.linear import plan_linear
 from .plan.step import StepPlan, plan_step
 from .printers import num, torch_activation_source
-from .triton import bias_params_of, input_ident, layout_of, triton_context, unsupported_reason
+from .triton import bias_params_of, input_ident, layout_of
 from .triton_mlp import mlp_unsupported_reason, triton_mlp_context
 
 
@@ -402,15 +404,20 @@ def _context(ir: LayerIR, version: str) -> dict:
 
 
 def _triton_context(ir: LayerIR) -> dict:
-    """The Triton kernel family's variables (templates/triton_linear.py.j2), or why there is none."""
-    ctx = triton_context(ir)
-    if ctx is None:
-        return {"triton": False, "triton_step": False, "triton_reason": unsupported_reason(ir)}
+    """The matrix-memory kernels' plan as `linear` (templates/triton_linear_*.py.j2; None when refused),
+    and the few top-level keys other templates read (api.py.j2, triton_step.py.j2)."""
+    plan = plan_linear(ir)
+    if isinstance(plan, Refusal):
+        return {"linear": None, "triton": False, "triton_step": False, "triton_reason": plan.reason}
     # With chunk kernels but no fused step, triton_reason is what step(backend="triton") says.
     step = plan_step(ir)
-    reason = "" if isinstance(step, StepPlan) else step.reason
-    step_inputs = _step_inputs(step) if isinstance(step, StepPlan) else []
-    return {"triton": True, "triton_reason": reason, "step_inputs": step_inputs, **ctx}
+    has_step = isinstance(step, StepPlan)
+    return {
+        "linear": plan, "triton": True, "triton_reason": "" if has_step else step.reason,
+        "step_inputs": _step_inputs(step) if has_step else [], "triton_step": has_step,
+        "needs_y": plan.needs_y, "triton_eta": plan.eta_source, "triton_alpha": plan.alpha_source,
+        "triton_beta": plan.beta_source, "triton_bias_args": list(plan.bias_args),
+    }
 
 
 def _triton_mlp_context(ir: LayerIR) -> dict:

@@ -1,13 +1,13 @@
-"""What the Triton template family needs from a LayerIR: which layers it covers and the bias's code.
+"""What every Triton kernel family needs from a LayerIR: operand shapes and sources, input identifiers,
+and the bias's code.
 
 The kernels are generic in the bias: the compiler prints the derived gradient and its VJP as two
-@triton.jit functions (`_bias_grad`, `_bias_vjp`) that the chunk kernels call on [BT, BV] tiles.
+@triton.jit functions (`_bias_grad`, `_bias_vjp`) that the kernels call on [BT, BV] tiles. Which layers a
+family covers, and how, is its plan (mirasc.codegen.plan).
 """
 from __future__ import annotations
 
 import re
-
-import sympy as sp
 
 from ..ir import LayerIR
 from .printers import _wrap_stmt, triton_bias_source
@@ -30,20 +30,6 @@ def layout_of(p) -> str:
     return "channel" if p.shape == "channel" else "head"
 
 
-def unsupported_reason(ir: LayerIR) -> str | None:
-    """Why this layer has no Triton kernels yet (None: it has them)."""
-    if ir.bias.vjp is None:
-        return "the bias carries no derived VJP for the backward kernel"
-    if ir.memory.kind != "linear":
-        return "the triton backend covers matrix memories; MLP memories run on the torch backend"
-    if ir.retention.map != "id":
-        return f"the retention map '{ir.retention.map}' has no triton kernel yet"
-    gates = (shape_of(ir, ir.retention.alpha), shape_of(ir, ir.algorithm.beta))
-    if ir.algorithm.kind == "momentum" and "channel" in gates:
-        return "momentum with a per-channel decay or momentum gate has no triton kernel yet"
-    return None
-
-
 _VSUM = '''@triton.jit
 def _vsum(x, vmask):
     """Sum over the value dimension of a [BT, BV] tile, padded columns excluded: [BT, 1]."""
@@ -57,18 +43,6 @@ def _body(lines: list[str]) -> str:
     if re.search(r"\bV\b", text):  # mean() divides by the true value dimension
         text = "    V = tl.sum(vmask.to(tl.float32), axis=0)\n" + text
     return text
-
-
-def column_separable(bias) -> bool:
-    """Whether dL/dy_j and its VJPs read value column j only (no reduction over the value dimension, no
-    V): then the columns of a matrix memory evolve independently, and the kernels may run a head's
-    state as several column slices (templates/triton_linear.py.j2, _value_slices)."""
-    banned = {s for s, _ in bias.reductions} | {r for r, _ in bias.vjp.sums}
-    if bias.V is not None:
-        banned.add(bias.V)
-    pieces = [bias.grad, bias.vjp.dy, bias.vjp.dv]
-    pieces += [x for p in bias.vjp.dparams for x in (p.elem, p.token)]
-    return not any(sp.sympify(e).free_symbols & banned for e in pieces)
 
 
 def input_ident(ir: LayerIR, name: str) -> str:
@@ -119,34 +93,6 @@ def bias_functions(ir: LayerIR, bias_params: list[dict]) -> str:
         f'    """The VJP of _bias_grad at the cotangent w: (dy, dv, d<param>...)."""\n'
         f"{_body(tb.vjp)}\n    return dy, dv{douts}\n"
     ).lstrip("\n")
-
-
-def triton_context(ir: LayerIR) -> dict | None:
-    """Template variables for templates/triton_linear.py.j2, or None when the layer is not covered."""
-    if unsupported_reason(ir) is not None:
-        return None
-    bias_params = bias_params_of(ir)
-    lr = ir.algorithm.lr
-    eta_channel = eta_is_channel(ir)
-    alpha_channel = shape_of(ir, ir.retention.alpha) == "channel"
-    return {
-        "bias_params": bias_params,
-        "triton_eta": operand_source(ir, lr, "eta"),
-        "triton_alpha": operand_source(ir, ir.retention.alpha, "alpha"),
-        "triton_bias_args": [f"gates[{p['public']!r}].float().contiguous()" for p in bias_params],
-        "triton_at_retained": ir.algorithm.at == "retained",
-        "triton_bias_src": bias_functions(ir, bias_params),
-        "column_separable": column_separable(ir.bias),
-        "needs_y": ir.bias.klass != "independent",
-        "eta_channel": eta_channel,
-        "alpha_channel": alpha_channel,
-        # chunks under 16 tokens of an affine bias (the delta rule) solve one triangular system per tile
-        # (the WY form); a per-channel lr or decay gives every value column its own system
-        "wy": ir.bias.klass == "affine" and not eta_channel and not alpha_channel,
-        "triton_beta": operand_source(ir, ir.algorithm.beta, "beta") if ir.algorithm.kind == "momentum" else None,
-        # the fused decode step (templates/triton_step.py.j2) covers gd only
-        "triton_step": ir.algorithm.kind == "gd",
-    }
 
 
 def operand_source(ir: LayerIR, op, shape: str) -> str | None:

@@ -86,11 +86,11 @@ def _operand(ir: LayerIR, op) -> StepOperand:
 
 def plan_step(ir: LayerIR) -> StepPlan | Refusal:
     """The step kernel's plan, or the one reason the layer has none."""
-    from ..triton import unsupported_reason
+    from .linear import refusal_reason
 
     if ir.memory.kind != "linear":
         return Refusal("the fused decode step covers matrix memories only")
-    why = unsupported_reason(ir)
+    why = refusal_reason(ir)
     if why is not None:
         return Refusal(why)
     if ir.algorithm.kind != "gd":

@@ -1,4 +1,5 @@
-"""Helpers every kernel family uses: matrix products at the precision the inputs call for."""
+"""Helpers every kernel family uses: matrix products at the precision the inputs call for, and the
+reductions along a tile's token axis."""
 import triton
 import triton.language as tl
 
@@ -25,3 +26,22 @@ def _mm32(a, b, LOWP: tl.constexpr):
         return tl.dot(a, b, input_precision="ieee")
     else:
         return tl.dot(a, b, input_precision="tf32")
+
+
+@triton.jit
+def _last(x, rt, BT: tl.constexpr):
+    """The last entry of a [BT] vector (rt = arange(0, BT)), as a scalar."""
+    return tl.sum(tl.where(rt == BT - 1, x, 0.0), axis=0)
+
+
+@triton.jit
+def _last_row(x, rt, BT: tl.constexpr):
+    """The last row of a [BT, N] tile (rt = arange(0, BT)): [N]."""
+    return tl.sum(tl.where((rt == BT - 1)[:, None], x, 0.0), axis=0)
+
+
+@triton.jit
+def _suffix_sum(x):
+    """sum_{i >= t} x_i along axis 0 of a [BT] vector or [BT, N] tile: what a cumulative sum's
+    cotangent becomes (d log alpha_t from d b_i, b = cumsum(log alpha))."""
+    return tl.sum(x, axis=0) - tl.cumsum(x, axis=0) + x
