@@ -227,3 +227,245 @@ def _dlog_gate(dw, W, causal, dlw):
     dws = tl.where(causal, dw * W, 0.0)
     dlw = dlw + tl.sum(dws, axis=1) - tl.sum(dws, axis=0)
     return tl.sum(dlw, axis=0) - tl.cumsum(dlw, axis=0) + dlw
+
+
+# The phases of a chunk, one weight matrix W_l at a time (the kernels unroll the depth). A layer's
+# quantities live in scratch slots, each given by its row pointers [BT, 1] (see docs/kernels-mlp.md);
+# loops over a dimension run from lo to hi in tiles of BD columns (a program's slice of the hidden
+# columns, or all columns of K and V). They call the generated module's activation _tl_act / _tl_dact
+# (mirasc.codegen.plan.mlp.activation_source), pasted beside them.
+
+
+@triton.jit
+def _lin(src, row, tmask, cols, D: tl.constexpr, INPUT: tl.constexpr):
+    """A layer's input on columns `cols`: for the first layer (INPUT) the tokens' k or q (src: the
+    [B, T, H, D] input), else the activation of a slot of pre-activations (src: its rows)."""
+    if INPUT:
+        return _ldk(src, row, tmask, cols, D)
+    else:
+        return _tl_act(_ld(src, cols, D))  # noqa: F821 (the module's activation)
+
+
+@triton.jit
+def _delta(dt, za, E, cols, D: tl.constexpr, LAST: tl.constexpr, RETAINED: tl.constexpr):
+    """The base pass's delta d_l on columns `cols`: slot dt as it is for the last layer (LAST: d_L), else
+    dt act'(z_l) with z_l from slot za (times E_i at=retained, RETAINED)."""
+    if LAST:
+        return _ld(dt, cols, D)
+    else:
+        d = _ld(dt, cols, D) * _tl_dact(_ld(za, cols, D))  # noqa: F821 (the module's activation)
+        if RETAINED:
+            d = d * E[:, None]
+        return d
+
+
+@triton.jit
+def _layer_product(a_src, w, dst, row, tmask, E, ib, rd, i_lo, i_hi, o_lo, o_hi, DIN: tl.constexpr,
+                   DOUT: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, LOWP: tl.constexpr,
+                   INPUT: tl.constexpr, RETAINED: tl.constexpr):
+    """The base pass through W_l: slot dst = a_(l-1) W_l (a_(l-1) as _lin reads it from a_src; times the
+    lq map's 1 / n(Z_b) where ib is not None; times E_i at=retained)."""
+    for o0 in range(o_lo, o_hi, BD):
+        acc = tl.zeros([BT, BD], dtype=tl.float32)
+        for i0 in range(i_lo, i_hi, BD):
+            aa = _lin(a_src, row, tmask, i0 + rd, DIN, INPUT)
+            acc += _mm(aa, _ldw(w, i0 + rd, o0 + rd, DIN, DOUT), LOWP)
+        if ib is not None:
+            acc = acc * ib
+        if RETAINED:
+            acc = acc * E[:, None]
+        _st(dst, o0 + rd, acc, DOUT)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _delta_product(dt_next, za_next, w_next, dst, E, ib, rd, x_lo, x_hi, o_lo, o_hi, X: tl.constexpr,
+                   DOUT: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, LOWP: tl.constexpr,
+                   LAST: tl.constexpr, RETAINED: tl.constexpr):
+    """The base pass's backward through W_(l+1) [X, DOUT]: slot dst = d_(l+1) W_(l+1)^T (d_(l+1) as _delta
+    reads it from dt_next and za_next, LAST for the last layer; times 1 / n(Z_b) where ib is not None)."""
+    for x0 in range(x_lo, x_hi, BD):
+        acc = tl.zeros([BT, BD], dtype=tl.float32)
+        for o0 in range(o_lo, o_hi, BD):
+            dlt = _delta(dt_next, za_next, E, o0 + rd, DOUT, LAST, RETAINED)
+            acc += _mm(dlt, tl.trans(_ldw(w_next, x0 + rd, o0 + rd, X, DOUT)), LOWP)
+        if ib is not None:
+            acc = acc * ib
+        _st(dst, x0 + rd, acc, X)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _readout_layer(w, m, wo, mo, h_src, a_src, dt, za, dst, row, tmask, E, C, Mm, e, MmL, bcL, cL, sL,
+                   n, rd, i_lo, i_hi, o_lo, o_hi, DIN: tl.constexpr, DOUT: tl.constexpr, BT: tl.constexpr,
+                   BD: tl.constexpr, LOWP: tl.constexpr, INPUT: tl.constexpr, LAST: tl.constexpr,
+                   RETAINED: tl.constexpr):
+    """The read-out through W_l: slot dst = p_l = E (h W_b) - Mm (h m_b) - ((h a^T) C) d_l, over the lq
+    map's n(Z_i) where n is not None (h = h_(l-1) from h_src, a = a_(l-1) from a_src as _lin reads them,
+    d_l as _delta reads it). With momentum m (m_b's tile rows) is not None. Where wo is not None, the
+    state update too: wo = e W_b - Mm_L m_b - (a c)^T d (and mo = bc_L m_b + (a s)^T d),
+    c = cL, s = sL."""
+    hs = tl.zeros([BT, BT], dtype=tl.float32)
+    for i0 in range(i_lo, i_hi, BD):
+        hh = _lin(h_src, row, tmask, i0 + rd, DIN, INPUT)
+        aa = _lin(a_src, row, tmask, i0 + rd, DIN, INPUT)
+        hs += _mm(hh, tl.trans(aa), LOWP)
+    hs = hs * C
+    for o0 in range(o_lo, o_hi, BD):
+        dlt = _delta(dt, za, E, o0 + rd, DOUT, LAST, RETAINED)
+        accp = tl.zeros([BT, BD], dtype=tl.float32)
+        if m is not None:
+            accm = tl.zeros([BT, BD], dtype=tl.float32)
+        for i0 in range(i_lo, i_hi, BD):
+            hh = _lin(h_src, row, tmask, i0 + rd, DIN, INPUT)
+            wt = _ldw(w, i0 + rd, o0 + rd, DIN, DOUT)
+            accp += _mm(hh, wt, LOWP)
+            if m is not None:
+                mt = _ldw(m, i0 + rd, o0 + rd, DIN, DOUT)
+                accm += _mm(hh, mt, LOWP)
+            if wo is not None:
+                aa = _lin(a_src, row, tmask, i0 + rd, DIN, INPUT)
+                if m is not None:
+                    upd = e * wt - MmL * mt - _mm(tl.trans(aa * cL[:, None]), dlt, LOWP)
+                    _stw(wo, upd, i0 + rd, o0 + rd, DIN, DOUT)
+                    upm = bcL * mt + _mm(tl.trans(aa * sL[:, None]), dlt, LOWP)
+                    _stw(mo, upm, i0 + rd, o0 + rd, DIN, DOUT)
+                else:
+                    upd = e * wt - _mm(tl.trans(aa * cL[:, None]), dlt, LOWP)
+                    _stw(wo, upd, i0 + rd, o0 + rd, DIN, DOUT)
+        p = E[:, None] * accp
+        if m is not None:
+            p = p - Mm[:, None] * accm
+        p = p - _mm(hs, dlt, LOWP)
+        if n is not None:
+            p = p / n[:, None]
+        _st(dst, o0 + rd, p, DOUT)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _readout_layer_vjp(w, m, gw, gm, h_src, a_src, dt, za, dp_src, dd, da, dh_dst, pp_src, row, tmask,
+                       E, C, Mm, cL, sL, n_prev, dC, dE, dcL, dMm, dsL, dn_prev, causal, rd, i_lo, i_hi,
+                       o_lo, o_hi, DIN: tl.constexpr, DOUT: tl.constexpr, BT: tl.constexpr,
+                       BD: tl.constexpr, LOWP: tl.constexpr, INPUT: tl.constexpr, LAST: tl.constexpr,
+                       RETAINED: tl.constexpr):
+    """The backward of _readout_layer (without its lq division) and of the state update through W_l, at
+    dL/dp_l in slot dp_src (dL/d(h Z_i)) and dL/dW at the chunk's end gw (gm: dL/dm, with momentum,
+    where m is not None). Writes dL/dd_l (slot dd), dL/da_(l-1) (slot da) and dL/dh_(l-1): for the first
+    layer (INPUT) dq into slot dh_dst, else dL/dp_(l-1) = dL/dh_(l-1) act'(p_(l-1)) (p_(l-1) from slot
+    pp_src; divided by the lq map's n(Z_i) of W_(l-1) where n_prev is not None, whose gradient goes to
+    dn_prev). Returns the updated sums (dC, dE, dcL, dMm, dsL, dn_prev): dL/dC, dL/dE, dL/dc, dL/dMm,
+    dL/ds (the last three None where they do not apply)."""
+    pm = tl.zeros([BT, BT], dtype=tl.float32)  # dp d^T
+    for o0 in range(o_lo, o_hi, BD):
+        dlt = _delta(dt, za, E, o0 + rd, DOUT, LAST, RETAINED)
+        pm += _mm(_ld(dp_src, o0 + rd, DOUT), tl.trans(dlt), LOWP)
+    hs = tl.zeros([BT, BT], dtype=tl.float32)  # h a^T
+    for i0 in range(i_lo, i_hi, BD):
+        hh = _lin(h_src, row, tmask, i0 + rd, DIN, INPUT)
+        aa = _lin(a_src, row, tmask, i0 + rd, DIN, INPUT)
+        hs += _mm(hh, tl.trans(aa), LOWP)
+    dC -= tl.where(causal, pm * hs, 0.0)
+    pm = pm * C
+    hs = hs * C
+    # dL/dd_l from the read-out and the state update
+    for o0 in range(o_lo, o_hi, BD):
+        dlt = _delta(dt, za, E, o0 + rd, DOUT, LAST, RETAINED)
+        acc = -_mm(tl.trans(hs), _ld(dp_src, o0 + rd, DOUT), LOWP)
+        adw = tl.zeros([BT, BD], dtype=tl.float32)
+        if m is not None:
+            adm = tl.zeros([BT, BD], dtype=tl.float32)
+        for i0 in range(i_lo, i_hi, BD):
+            aa = _lin(a_src, row, tmask, i0 + rd, DIN, INPUT)
+            adw += _mm(aa, _ldw(gw, i0 + rd, o0 + rd, DIN, DOUT), LOWP)
+            if m is not None:
+                adm += _mm(aa, _ldw(gm, i0 + rd, o0 + rd, DIN, DOUT), LOWP)
+        acc -= cL[:, None] * adw
+        dcL -= tl.sum(dlt * adw, axis=1)
+        if m is not None:
+            acc += sL[:, None] * adm
+            dsL += tl.sum(dlt * adm, axis=1)
+        _st(dd, o0 + rd, acc, DOUT)
+    # dL/dh_(l-1) and dL/da_(l-1)
+    for i0 in range(i_lo, i_hi, BD):
+        tw = tl.zeros([BT, BD], dtype=tl.float32)
+        dwd = tl.zeros([BT, BD], dtype=tl.float32)
+        if m is not None:
+            tm = tl.zeros([BT, BD], dtype=tl.float32)
+            dmd = tl.zeros([BT, BD], dtype=tl.float32)
+        for o0 in range(o_lo, o_hi, BD):
+            dpo = _ld(dp_src, o0 + rd, DOUT)
+            dlt = _delta(dt, za, E, o0 + rd, DOUT, LAST, RETAINED)
+            tw += _mm(dpo, tl.trans(_ldw(w, i0 + rd, o0 + rd, DIN, DOUT)), LOWP)
+            dwd += _mm(dlt, tl.trans(_ldw(gw, i0 + rd, o0 + rd, DIN, DOUT)), LOWP)
+            if m is not None:
+                tm += _mm(dpo, tl.trans(_ldw(m, i0 + rd, o0 + rd, DIN, DOUT)), LOWP)
+                dmd += _mm(dlt, tl.trans(_ldw(gm, i0 + rd, o0 + rd, DIN, DOUT)), LOWP)
+        hh = _lin(h_src, row, tmask, i0 + rd, DIN, INPUT)
+        aa = _lin(a_src, row, tmask, i0 + rd, DIN, INPUT)
+        dE += tl.sum(hh * tw, axis=1)
+        dh = E[:, None] * tw - _mm(pm, aa, LOWP)
+        dat = -_mm(tl.trans(pm), hh, LOWP) - cL[:, None] * dwd
+        if m is not None:
+            dMm -= tl.sum(hh * tm, axis=1)
+            dh -= Mm[:, None] * tm
+            dat += sL[:, None] * dmd
+        _st(da, i0 + rd, dat, DIN)
+        if INPUT:
+            _st(dh_dst, i0 + rd, dh, DIN)
+        else:
+            pp = _ld(pp_src, i0 + rd, DIN)
+            dpp = dh * _tl_dact(pp)  # noqa: F821 (the module's activation)
+            if n_prev is not None:
+                dn_prev -= tl.sum(dpp * pp, axis=1) / n_prev
+                dpp = dpp / n_prev[:, None]
+            _st(dh_dst, i0 + rd, dpp, DIN)
+    tl.debug_barrier()
+    return dC, dE, dcL, dMm, dsL, dn_prev
+
+
+@triton.jit
+def _weight_grad_layer(w, m, gw, gm, go, gmo, h_src, a_src, dp_src, dz_src, dd_prev, za_prev, dt, za, row,
+                       tmask, E, Mm, e, MmL, bcL, ib, kap, de, dMmL, dbcL, rd, i_lo, i_hi, o_lo, o_hi,
+                       DIN: tl.constexpr, DOUT: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                       LOWP: tl.constexpr, INPUT: tl.constexpr, LAST: tl.constexpr,
+                       RETAINED: tl.constexpr, LQ_Q: tl.constexpr, LQ_QI: tl.constexpr):
+    """dL/dW_b of W_l at the chunk's start into go (and dL/dm_b into gmo where m is not None): the state
+    update's e dL/dW_end, the read-out's (h E)^T dp and the base pass's a^T dz [+ u^T d_l, u = dL/dd_(l-1)
+    act'(z_(l-1)) from slots dd_prev, za_prev]; with the lq map (ib = 1 / n(Z_b) not None) through
+    W_b = Z_b / n(Z_b), added to what the norms' backward left in go / gmo. Returns the sums (de, dMmL,
+    dbcL) of <W_b, dL/dW_end>, -<m_b, dL/dW_end> and <m_b, dL/dm_end> (the gates' gradients)."""
+    for i0 in range(i_lo, i_hi, BD):
+        hh = _lin(h_src, row, tmask, i0 + rd, DIN, INPUT)
+        aa = _lin(a_src, row, tmask, i0 + rd, DIN, INPUT)
+        if dd_prev is not None:
+            uu = _delta(dd_prev, za_prev, E, i0 + rd, DIN, False, RETAINED)
+        for o0 in range(o_lo, o_hi, BD):
+            gwt = _ldw(gw, i0 + rd, o0 + rd, DIN, DOUT)
+            wt = _ldw(w, i0 + rd, o0 + rd, DIN, DOUT)
+            dpo = _ld(dp_src, o0 + rd, DOUT)
+            dzo = _ld(dz_src, o0 + rd, DOUT)
+            if RETAINED:
+                dzo = dzo * E[:, None]
+            gb = _mm(tl.trans(aa), dzo, LOWP)  # the base pass's dL/dW_b
+            if dd_prev is not None:
+                dlt = _delta(dt, za, E, o0 + rd, DOUT, LAST, RETAINED)
+                gb += _mm(tl.trans(uu), dlt, LOWP)
+            acc = e * gwt + _mm(tl.trans(hh * E[:, None]), dpo, LOWP)
+            if ib is not None:
+                acc += gb * ib + kap * _lq_pow_grad(wt, LQ_Q, LQ_QI) + _ldw(go, i0 + rd, o0 + rd, DIN,
+                                                                             DOUT)
+            else:
+                acc += gb
+            _stw(go, acc, i0 + rd, o0 + rd, DIN, DOUT)
+            de += tl.sum(tl.sum(wt * gwt, axis=1), axis=0)
+            if m is not None:
+                gmt = _ldw(gm, i0 + rd, o0 + rd, DIN, DOUT)
+                mt = _ldw(m, i0 + rd, o0 + rd, DIN, DOUT)
+                dMmL -= tl.sum(tl.sum(mt * gwt, axis=1), axis=0)
+                dbcL += tl.sum(tl.sum(mt * gmt, axis=1), axis=0)
+                accm = bcL * gmt - MmL * gwt - _mm(tl.trans(hh * Mm[:, None]), dpo, LOWP)
+                if ib is not None:
+                    accm += _ldw(gmo, i0 + rd, o0 + rd, DIN, DOUT)
+                _stw(gmo, accm, i0 + rd, o0 + rd, DIN, DOUT)
+    return de, dMmL, dbcL
