@@ -231,11 +231,12 @@ def activation_source(act: str) -> str:
 def _library(norm: bool, lq: bool, momentum: bool, sliceable: bool) -> str:
     """The source of the library functions the kernels of this variant call (and their callees)."""
     names = ["_mm", "_ld", "_st", "_ldk", "_ldw", "_stw", "_ld_rows", "_mlp_tokens", "_decay_coefs", "_at_last",
-             "_row_at_last", "_dlog_gate", "_layer_product", "_delta_product", "_readout_layer"]
+             "_row_at_last", "_dlog_gate", "_layer_product", "_delta_product", "_readout_layer",
+             "_readout_layer_vjp", "_weight_grad_layer", "_delta_vjp_layer", "_layer_vjp"]
     names += ["_momentum_coefs"] if momentum else []
     names += ["_head_sum"] if sliceable else []
     names += ["_ln", "_ln_vjp", "_ln_vjp_vjp"] if norm else []
-    names += ["_lq_pow", "_lq_pow_grad", "_lq_norm", "_lq_dnorm"] if lq else []
+    names += ["_lq_base_norm", "_lq_token_norms", "_lq_norms_vjp", "_lq_kappa"] if lq else []
     # the library marks its calls of the activation (pasted beside it here) for linters; not needed here
     return re.sub(r"  # noqa: F821[^\n]*", "", triton_lib.source(names))
 

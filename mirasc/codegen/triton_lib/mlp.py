@@ -469,3 +469,186 @@ def _weight_grad_layer(w, m, gw, gm, go, gmo, h_src, a_src, dp_src, dz_src, dd_p
                     accm += _ldw(gmo, i0 + rd, o0 + rd, DIN, DOUT)
                 _stw(gmo, accm, i0 + rd, o0 + rd, DIN, DOUT)
     return de, dMmL, dbcL
+
+
+@triton.jit
+def _delta_vjp_layer(w_next, dd, dt, za, dd_next, dz, E, ib_next, dlogE, rd, x_lo, x_hi, o_lo, o_hi,
+                     X: tl.constexpr, DOUT: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                     LOWP: tl.constexpr, RETAINED: tl.constexpr):
+    """The base pass's backward through d_l = (d_(l+1) W_(l+1)^T) act'(z_l) (l < L) at dL/dd_l (slot dd):
+    with u = dL/dd_l act'(z_l), d_(l+1) gets u W_(l+1) (added to slot dd_next; times 1 / n(Z_b) where
+    ib_next is not None) and z_l gets dL/dd_l (d_(l+1) W^T) act''(z_l) (slot dz, from slots dt, za). At
+    =retained (E_i scales d_l) also returns dlogE plus the sum over the row of that scaling's part."""
+    for o0 in range(o_lo, o_hi, BD):
+        acc = tl.zeros([BT, BD], dtype=tl.float32)
+        for x0 in range(x_lo, x_hi, BD):
+            uu = _delta(dd, za, E, x0 + rd, X, False, RETAINED)
+            acc += _mm(uu, _ldw(w_next, x0 + rd, o0 + rd, X, DOUT), LOWP)
+        if ib_next is not None:
+            acc = acc * ib_next
+        _st(dd_next, o0 + rd, _ld(dd_next, o0 + rd, DOUT) + acc, DOUT)
+    for x0 in range(x_lo, x_hi, BD):
+        ddl = _ld(dd, x0 + rd, X)
+        dtl = _ld(dt, x0 + rd, X)
+        zl = _ld(za, x0 + rd, X)
+        if RETAINED:
+            _st(dz, x0 + rd, ddl * dtl * _tl_d2act(zl) * E[:, None], X)  # noqa: F821 (the activation)
+            dlogE += tl.sum(ddl * dtl * _tl_dact(zl) * E[:, None], axis=1)  # noqa: F821
+        else:
+            _st(dz, x0 + rd, ddl * dtl * _tl_d2act(zl), X)  # noqa: F821 (the activation)
+    tl.debug_barrier()
+    return dlogE
+
+
+@triton.jit
+def _layer_vjp(w, dz, za, za_prev, da_prev, dz_prev, first, E, ib, dlogE, rd, i_lo, i_hi, o_lo, o_hi,
+               DIN: tl.constexpr, DOUT: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+               LOWP: tl.constexpr, INPUT: tl.constexpr, LAST: tl.constexpr, RETAINED: tl.constexpr):
+    """The base pass's backward through z_l = a_(l-1) W_l at dL/dz_l (slot dz): dL/da_(l-1) = dz W_l^T
+    (times 1 / n(Z_b) where ib is not None) plus what slot da_prev holds goes to dL/dk (the first layer,
+    INPUT: added to slot da_prev) or through act'(z_(l-1)) (za_prev) into slot dz_prev. At=retained
+    (z_l carries E_i) returns dlogE plus the sum over the row of dz z_l (the last layer's full rows
+    counted by the first slice only, `first`)."""
+    for i0 in range(i_lo, i_hi, BD):
+        acc = tl.zeros([BT, BD], dtype=tl.float32)
+        for o0 in range(o_lo, o_hi, BD):
+            dzo = _ld(dz, o0 + rd, DOUT)
+            if RETAINED:
+                dzo = dzo * E[:, None]
+            acc += _mm(dzo, tl.trans(_ldw(w, i0 + rd, o0 + rd, DIN, DOUT)), LOWP)
+        if ib is not None:
+            acc = acc * ib
+        if INPUT:
+            _st(da_prev, i0 + rd, _ld(da_prev, i0 + rd, DIN) + acc, DIN)
+        else:
+            zp = _ld(za_prev, i0 + rd, DIN)
+            dzp = (acc + _ld(da_prev, i0 + rd, DIN)) * _tl_dact(zp)  # noqa: F821 (the activation)
+            _st(dz_prev, i0 + rd, _ld(dz_prev, i0 + rd, DIN) + dzp, DIN)
+    if RETAINED:
+        for o0 in range(o_lo, o_hi, BD):
+            dzz = tl.sum(_ld(dz, o0 + rd, DOUT) * _ld(za, o0 + rd, DOUT), axis=1)
+            if LAST:  # full rows, alike in every slice: counted once
+                dlogE += tl.where(first, dzz, 0.0)
+            else:
+                dlogE += dzz
+    tl.debug_barrier()
+    return dlogE
+
+
+@triton.jit
+def _lq_base_norm(w, zero, rd, DIN: tl.constexpr, DOUT: tl.constexpr, BD: tl.constexpr, Q: tl.constexpr,
+                  QI: tl.constexpr, PW: tl.constexpr, AT0: tl.constexpr, EPS: tl.constexpr):
+    """The lq map of a base weight matrix Z_b [DIN, DOUT]: (s_b = ||Z_b||_q^q, n(Z_b), 1 / n(Z_b)); the
+    base pass runs at W_b = Z_b / n(Z_b). zero: an fp32 scalar 0 (the loop-carried sum's type)."""
+    sb = zero
+    for i0 in range(0, DIN, BD):
+        for o0 in range(0, DOUT, BD):
+            zp = _lq_pow(_ldw(w, i0 + rd, o0 + rd, DIN, DOUT), Q, QI)
+            sb += tl.sum(tl.sum(zp, axis=1), axis=0)
+    nb = _lq_norm(sb, PW, AT0, EPS)
+    return sb, nb, 1.0 / nb
+
+
+@triton.jit
+def _lq_tile(w, m, a_src, dt, za, i0, o0, fa, fb, row, tmask, E, C, Mm, DIN: tl.constexpr,
+             DOUT: tl.constexpr, LOWP: tl.constexpr, INPUT: tl.constexpr, LAST: tl.constexpr,
+             RETAINED: tl.constexpr):
+    """Every token's own weights Z_i = E_i Z_b - Mm_i m_b - sum_j C_ij R_j on the [QA, QB] tile of W_l at
+    rows i0 + fa, columns o0 + fb (flattened), with R_j = a_j^T d_j -> (ca, cb, fmask: the tile's rows,
+    columns and mask; aexp, dexp: a and d on them; rr: R; zb: Z_b; zt: Z_i [BT, QA QB]; mb: m_b or
+    None)."""
+    ca = i0 + fa
+    cb = o0 + fb
+    fmask = (ca < DIN) & (cb < DOUT)
+    aexp = _lin(a_src, row, tmask, ca, DIN, INPUT)
+    dexp = _delta(dt, za, E, cb, DOUT, LAST, RETAINED)
+    rr = aexp * dexp
+    zb = tl.load(w + ca * DOUT + cb, mask=fmask, other=0.0)
+    zt = E[:, None] * zb[None, :] - _mm(C, rr, LOWP)
+    if m is not None:
+        mb = tl.load(m + ca * DOUT + cb, mask=fmask, other=0.0)
+        zt -= Mm[:, None] * mb[None, :]
+    else:
+        mb = None
+    return ca, cb, fmask, aexp, dexp, rr, zb, zt, mb
+
+
+@triton.jit
+def _lq_token_norms(w, m, a_src, dt, za, fa, fb, row, tmask, E, C, Mm, BT: tl.constexpr, QA: tl.constexpr,
+                    QB: tl.constexpr, DIN: tl.constexpr, DOUT: tl.constexpr, LOWP: tl.constexpr,
+                    INPUT: tl.constexpr, LAST: tl.constexpr, RETAINED: tl.constexpr, Q: tl.constexpr,
+                    QI: tl.constexpr, PW: tl.constexpr, AT0: tl.constexpr, EPS: tl.constexpr):
+    """The lq map of every token's own weights Z_i of W_l: (s_i = ||Z_i||_q^q, n(Z_i)) [BT], Z_i never
+    held whole (_lq_tile: one [QA, QB] tile of it for every token at a time)."""
+    s = tl.zeros([BT], dtype=tl.float32)
+    for i0 in range(0, DIN, QA):
+        for o0 in range(0, DOUT, QB):
+            zt = _lq_tile(w, m, a_src, dt, za, i0, o0, fa, fb, row, tmask, E, C, Mm, DIN, DOUT, LOWP,
+                          INPUT, LAST, RETAINED)[7]
+            s += tl.sum(_lq_pow(zt, Q, QI), axis=1)
+    return s, _lq_norm(s, PW, AT0, EPS)
+
+
+@triton.jit
+def _lq_norms_vjp(w, m, a_src, dt, za, fa, fb, row, tmask, E, C, Mm, dd, da, go, gmo, s, n, dn, dE, dC,
+                  dMm, causal, BT: tl.constexpr, QA: tl.constexpr, QB: tl.constexpr, DIN: tl.constexpr,
+                  DOUT: tl.constexpr, LOWP: tl.constexpr, INPUT: tl.constexpr, LAST: tl.constexpr,
+                  RETAINED: tl.constexpr, Q: tl.constexpr, QI: tl.constexpr, PW: tl.constexpr,
+                  EPS: tl.constexpr):
+    """The backward of the token norms n(Z_i) of W_l at dL/dn = dn: dL/dZ_i = ds_i q sign(Z_i)
+    |Z_i|^(q-1), ds = dn n'(s), through Z_i = E_i Z_b - Mm_i m_b - C R: added to slots dd (dL/dd_l) and da
+    (dL/da_(l-1)), written to go / gmo (dL/dZ_b, dL/dm_b at the chunk's start, to which the weight sweep
+    adds), and returned in the sums (dE, dC, dMm)."""
+    ds = dn * _lq_dnorm(s, n, PW, EPS)
+    r16 = tl.arange(0, 16)
+    sel_b = tl.where(fb[:, None] == r16[None, :], 1.0, 0.0)  # [QA QB, 16]: sums a tile per column
+    sel_a = tl.where(fa[:, None] == r16[None, :], 1.0, 0.0)  # ... per row (QA <= 16)
+    for o0 in range(0, DOUT, QB):
+        accd = tl.zeros([BT, 16], dtype=tl.float32)
+        for i0 in range(0, DIN, QA):
+            _ca, _cb, _fm, aexp, _dexp, _rr, _zb, zt, _mb = _lq_tile(
+                w, m, a_src, dt, za, i0, o0, fa, fb, row, tmask, E, C, Mm, DIN, DOUT, LOWP, INPUT, LAST,
+                RETAINED)
+            dzt = ds[:, None] * _lq_pow_grad(zt, Q, QI)
+            dr = -_mm(tl.trans(C), dzt, LOWP)
+            accd += _mm(dr * aexp, sel_b, LOWP)
+        _st(dd, o0 + r16, _ld(dd, o0 + r16, DOUT) + accd, DOUT)
+    tl.debug_barrier()
+    for i0 in range(0, DIN, QA):
+        acca = tl.zeros([BT, 16], dtype=tl.float32)
+        for o0 in range(0, DOUT, QB):
+            ca, cb, fmask, _aexp, dexp, rr, zb, zt, mb = _lq_tile(
+                w, m, a_src, dt, za, i0, o0, fa, fb, row, tmask, E, C, Mm, DIN, DOUT, LOWP, INPUT, LAST,
+                RETAINED)
+            dzt = ds[:, None] * _lq_pow_grad(zt, Q, QI)
+            dr = -_mm(tl.trans(C), dzt, LOWP)
+            acca += _mm(dr * dexp, sel_a, LOWP)
+            tl.store(go + ca * DOUT + cb, tl.sum(E[:, None] * dzt, axis=0), mask=fmask)
+            if m is not None:
+                tl.store(gmo + ca * DOUT + cb, -tl.sum(Mm[:, None] * dzt, axis=0), mask=fmask)
+                dMm -= tl.sum(dzt * mb[None, :], axis=1)
+            dE += tl.sum(dzt * zb[None, :], axis=1)
+            dC -= tl.where(causal, _mm(dzt, tl.trans(rr), LOWP), 0.0)
+        ma = ((r16 < QA) & (i0 + r16 < DIN))[None, :]
+        tl.store(da + i0 + r16[None, :], tl.load(da + i0 + r16[None, :], mask=ma) + acca, mask=ma)
+    tl.debug_barrier()
+    return dE, dC, dMm
+
+
+@triton.jit
+def _lq_kappa(dz, za, dd_prev, za_prev, dt_prev, E, ib, sb, nb, zero, rd, DOUT: tl.constexpr,
+              X: tl.constexpr, BD: tl.constexpr, RETAINED: tl.constexpr, PW: tl.constexpr,
+              EPS: tl.constexpr):
+    """The lq map's part of dL/dZ_b of W_l: the base pass ran at W_b = Z_b / n(Z_b), so dL/dZ_b gets
+    kap q sign(Z_b) |Z_b|^(q-1) with kap = -<dL/dW_b, Z_b> n'(s_b) / n_b^2. <dL/dW_b, Z_b> comes from the
+    rows (z_l = a Z_b / n_b from slots dz, za; for l > 1 also dt_(l-1) = d Z_b^T / n_b against u =
+    dL/dd_(l-1) act'(z_(l-1)) from slots dd_prev, za_prev, dt_prev, where dd_prev is not None)."""
+    gz = zero
+    for o0 in range(0, DOUT, BD):
+        dzo = _ld(dz, o0 + rd, DOUT)
+        gz += tl.sum(tl.sum(dzo * _ld(za, o0 + rd, DOUT), axis=1), axis=0)
+    if dd_prev is not None:
+        for i0 in range(0, X, BD):
+            uu = _delta(dd_prev, za_prev, E, i0 + rd, X, False, RETAINED)
+            gz += tl.sum(tl.sum(uu * _ld(dt_prev, i0 + rd, X), axis=1), axis=0)
+    return -gz * ib * _lq_dnorm(sb, nb, PW, EPS)
