@@ -103,6 +103,18 @@ class MlpPlan:
     min_chunk: int = MIN_CHUNK
     max_chunk: int = MAX_CHUNK
 
+    def slot_groups(self, slots: tuple[str, ...]) -> list[list[tuple[str, int]]]:
+        """The scratch slots with their indices, in groups of up to 3 of one kind (za1, za2, ...): a line of
+        the kernels' slot pointers each."""
+        groups: list[list[tuple[str, int]]] = []
+        for i, s in enumerate(slots):
+            kind = s.rstrip("0123456789")
+            if groups and groups[-1][0][0].rstrip("0123456789") == kind and len(groups[-1]) < 3:
+                groups[-1].append((s, i))
+            else:
+                groups.append([(s, i)])
+        return groups
+
     @property
     def kernels(self) -> tuple[str, ...]:
         fwd = ("_mlp_write_kernel", "_mlp_read_kernel") if self.split_forward else ("_mlp_fwd_kernel",)
@@ -230,10 +242,10 @@ def activation_source(act: str) -> str:
 
 def _library(norm: bool, lq: bool, momentum: bool, sliceable: bool) -> str:
     """The source of the library functions the kernels of this variant call (and their callees)."""
-    names = ["_mm", "_ld", "_st", "_ldk", "_ldw", "_stw", "_ld_rows", "_mlp_tokens", "_decay_coefs", "_at_last",
-             "_row_at_last", "_dlog_gate", "_layer_product", "_delta_product", "_readout_layer",
-             "_readout_layer_vjp", "_weight_grad_layer", "_delta_vjp_layer", "_layer_vjp"]
-    names += ["_momentum_coefs"] if momentum else []
+    names = ["_mm", "_ld", "_st", "_ldk", "_ldw", "_stw", "_ld_rows", "_st_rows", "_mlp_tokens", "_chunk_rows",
+             "_decay_coefs", "_at_last", "_row_at_last", "_dlog_gate", "_layer_product", "_delta_product",
+             "_readout_layer", "_readout_layer_vjp", "_weight_grad_layer", "_delta_vjp_layer", "_layer_vjp"]
+    names += ["_momentum_coefs", "_momentum_gate_vjp"] if momentum else []
     names += ["_head_sum"] if sliceable else []
     names += ["_ln", "_ln_vjp", "_ln_vjp_vjp"] if norm else []
     names += ["_lq_base_norm", "_lq_token_norms", "_lq_norms_vjp", "_lq_kappa"] if lq else []

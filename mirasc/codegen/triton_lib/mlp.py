@@ -555,8 +555,8 @@ def _lq_tile(w, m, a_src, dt, za, i0, o0, fa, fb, row, tmask, E, C, Mm, DIN: tl.
              RETAINED: tl.constexpr):
     """Every token's own weights Z_i = E_i Z_b - Mm_i m_b - sum_j C_ij R_j on the [QA, QB] tile of W_l at
     rows i0 + fa, columns o0 + fb (flattened), with R_j = a_j^T d_j -> (ca, cb, fmask: the tile's rows,
-    columns and mask; aexp, dexp: a and d on them; rr: R; zb: Z_b; zt: Z_i [BT, QA QB]; mb: m_b or
-    None)."""
+    columns and mask; aexp, dexp: a and d on them; rr: R; zb: Z_b; zt: Z_i [BT, QA QB]; mb: m_b where m
+    is not None)."""
     ca = i0 + fa
     cb = o0 + fb
     fmask = (ca < DIN) & (cb < DOUT)
@@ -565,11 +565,10 @@ def _lq_tile(w, m, a_src, dt, za, i0, o0, fa, fb, row, tmask, E, C, Mm, DIN: tl.
     rr = aexp * dexp
     zb = tl.load(w + ca * DOUT + cb, mask=fmask, other=0.0)
     zt = E[:, None] * zb[None, :] - _mm(C, rr, LOWP)
+    mb = zb  # without momentum: a stand-in of m_b's shape, unread (a branch cannot bind None)
     if m is not None:
         mb = tl.load(m + ca * DOUT + cb, mask=fmask, other=0.0)
         zt -= Mm[:, None] * mb[None, :]
-    else:
-        mb = None
     return ca, cb, fmask, aexp, dexp, rr, zb, zt, mb
 
 
@@ -652,3 +651,34 @@ def _lq_kappa(dz, za, dd_prev, za_prev, dt_prev, E, ib, sb, nb, zero, rd, DOUT: 
             uu = _delta(dd_prev, za_prev, E, i0 + rd, X, False, RETAINED)
             gz += tl.sum(tl.sum(uu * _ld(dt_prev, i0 + rd, X), axis=1), axis=0)
     return -gz * ib * _lq_dnorm(sb, nb, PW, EPS)
+
+
+@triton.jit
+def _chunk_rows(c, rt, rv, vmask, bos, TN, h, H, V: tl.constexpr, CH: tl.constexpr):
+    """Chunk c of a program's tokens -> (tmask: its valid rows [BT], row: their rows of a [B, T, H] input,
+    v_off: offsets of a [B, T, H, V] one, m_v: its mask, islast: the chunk's last valid token, whose Z_i
+    is the next base state)."""
+    t = c * CH + rt
+    tmask = (rt < CH) & (t < TN)
+    row = (bos + t) * H + h
+    v_off = row[:, None] * V + rv[None, :]
+    m_v = tmask[:, None] & vmask[None, :]
+    islast = rt == tl.minimum(CH, TN - c * CH) - 1
+    return tmask, row, v_off, m_v, islast
+
+
+@triton.jit
+def _momentum_gate_vjp(D, Bs, bc, dC, dMm, dbcL, dsL, islast, causal):
+    """The backward of C = D Bs and Mm = D bc (_momentum_coefs) and of the last token's bc_L and row s_L
+    of Bs, at their cotangents dC, dMm, dbcL, dsL -> (dL/dD, dL/d log beta)."""
+    dbc = tl.where(islast, dbcL, 0.0) + tl.sum(D * dMm[:, None], axis=0)  # Mm = D bc
+    dBs = tl.where(islast[:, None], dsL[None, :], 0.0) + _mm(tl.trans(D), dC, 0)  # C = D Bs
+    dD = _mm(dC, tl.trans(Bs), 0) + dMm[:, None] * bc[None, :]
+    return dD, _dlog_gate(dBs, Bs, causal, bc * dbc)
+
+
+@triton.jit
+def _st_rows(ptr, row, tmask, x, D: tl.constexpr, BD: tl.constexpr):
+    """Store x [BT, BD] as the chunk's valid rows of a [B, T, H, D] output (columns < D)."""
+    rk = tl.arange(0, BD)
+    tl.store(ptr + row[:, None] * D + rk[None, :], x, mask=tmask[:, None] & (rk < D)[None, :])
