@@ -30,8 +30,10 @@ def tiles_kernel(x_ptr, w_ptr, k_ptr, out_ptr, wout_ptr, kout_ptr, eout_ptr, row
     row = tl.load(row_ptr + rt)
     tmask = rt < T - 1
     _st(kout_ptr + rt[:, None] * BD, rd, _ldk(k_ptr, row, tmask, rd, D), BD)
-    _st(eout_ptr + rt[:, None] * BD, rd, _ld_rows(k_ptr, row, tmask, rd, D, 5.0, True), BD)
-    _st(eout_ptr + T * BD + rt[:, None] * BD, rd, _ld_rows(x_ptr, row, tmask, rd, D, 7.0, False)
+    v_off = row[:, None] * D + rd[None, :]
+    m_v = tmask[:, None] & (rd < D)[None, :]
+    _st(eout_ptr + rt[:, None] * BD, rd, _ld_rows(k_ptr, row, tmask, v_off, m_v, 5.0, True), BD)
+    _st(eout_ptr + T * BD + rt[:, None] * BD, rd, _ld_rows(x_ptr, row, tmask, v_off, m_v, 7.0, False)
         + tl.zeros([T, BD], dtype=tl.float32), BD)
 """
 

@@ -41,12 +41,11 @@ def _stw(ptr, x, rows, cols, NR: tl.constexpr, NCOL: tl.constexpr):
 
 
 @triton.jit
-def _ld_rows(ptr, row, tmask, cols, D: tl.constexpr, OTHER: tl.constexpr, PER_CHANNEL: tl.constexpr):
-    """A per-token input of the chunk in fp32: [BT, len(cols)] columns of a [B, T, H, D] tensor
-    (PER_CHANNEL), else a [B, T, H] one as a [BT, 1] column; OTHER on padded rows."""
+def _ld_rows(ptr, row, tmask, v_off, m_v, OTHER: tl.constexpr, PER_CHANNEL: tl.constexpr):
+    """A per-token input of the chunk in fp32: a [B, T, H, V] tensor's [BT, BV] tile at offsets v_off with
+    mask m_v (PER_CHANNEL), else a [B, T, H] one as a [BT, 1] column; OTHER on padded rows."""
     if PER_CHANNEL:
-        return tl.load(ptr + row[:, None] * D + cols[None, :], mask=tmask[:, None] & (cols < D)[None, :],
-                       other=OTHER).to(tl.float32)
+        return tl.load(ptr + v_off, mask=m_v, other=OTHER).to(tl.float32)
     else:
         return tl.load(ptr + row, mask=tmask, other=OTHER).to(tl.float32)[:, None]
 
