@@ -28,10 +28,10 @@ from ..spec import Param
 from ..symbolic.activations import activation
 from .plan import Refusal
 from .plan.linear import plan_linear
+from .plan.mlp import operand_sources, plan_mlp
 from .plan.step import StepPlan, plan_step
 from .printers import num, torch_activation_source
 from .triton import bias_params_of, input_ident, layout_of
-from .triton_mlp import mlp_unsupported_reason, triton_mlp_context
 
 
 class CodegenError(ValueError):
@@ -421,16 +421,18 @@ def _triton_context(ir: LayerIR) -> dict:
 
 
 def _triton_mlp_context(ir: LayerIR) -> dict:
-    """The MLP memory's Triton kernels (templates/triton_mlp.py.j2), or why there are none.
+    """The MLP memory's Triton kernels: their plan as `mlp_plan` (None when refused) and the top-level keys
+    other templates read (triton_mlp, triton_reason, the launcher's operand expressions).
 
     Overrides triton_reason for MLP specs: the matrix-memory family's reason does not apply to them.
     """
     if ir.memory.kind != "mlp":
-        return {"triton_mlp": False}
-    ctx = triton_mlp_context(ir)
-    if ctx is None:
-        return {"triton_mlp": False, "triton_reason": mlp_unsupported_reason(ir)}
-    return {"triton_mlp": True, "triton_reason": "the fused decode step covers matrix memories only", **ctx}
+        return {"triton_mlp": False, "mlp_plan": None}
+    plan = plan_mlp(ir)
+    if isinstance(plan, Refusal):
+        return {"triton_mlp": False, "mlp_plan": None, "triton_reason": plan.reason}
+    return {"triton_mlp": True, "mlp_plan": plan, "triton_reason": "the fused decode step covers matrix memories only",
+            **operand_sources(ir)}
 
 
 def _step_inputs(step: StepPlan) -> list[dict]:

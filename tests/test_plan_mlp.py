@@ -1,0 +1,108 @@
+"""The MLP kernels' plan (mirasc.codegen.plan.mlp) of the example specs and of a few variants, without
+rendering: which kernels, flags, slots and launch settings each gets, and why others are refused."""
+from __future__ import annotations
+
+import ast
+
+import pytest
+from conftest import ROOT
+
+from mirasc.codegen.plan import Refusal
+from mirasc.codegen.plan.mlp import ACTIVATIONS, MlpPlan, plan_mlp
+from mirasc.codegen.printers import triton_activation_source as activation_source
+from mirasc.compiler import compile_spec
+
+
+def _ir(example: str):
+    return compile_spec((ROOT / "examples" / f"{example}.miras").read_text(), f"{example}.miras").ir
+
+
+def _spec_ir(memory: str, retention: str, algorithm: str, decls=("gate eta : head = softplus(rank=4, init=0.1)",)):
+    text = "\n".join(["layer P {", "    heads 2", "    key_dim 16", "    value_dim 16", f"    memory {memory}",
+                      *("    " + d for d in decls), "    bias l2", f"    retention {retention}",
+                      f"    algorithm {algorithm}", "}"])
+    return compile_spec(text, "p.miras").ir
+
+
+def test_moneta_plan():
+    """Moneta: depth 2, gelu, LN, residual, decay + lq(q=4): one fused forward (the norm needs whole
+    weight matrices, so no split heads), the lq constants as integers' products."""
+    plan = plan_mlp(_ir("moneta"))
+    assert isinstance(plan, MlpPlan)
+    assert (plan.depth, plan.act, plan.norm, plan.residual, plan.momentum) == (2, "gelu", True, True, False)
+    assert plan.lq is not None and (plan.lq.q, plan.lq.qi, plan.lq.pw, plan.lq.at0) == (4.0, 4, 0.5, 0.0)
+    assert not plan.sliceable and not plan.split_forward and not plan.retained
+    assert plan.kernels == ("_mlp_fwd_kernel", "_mlp_bwd_kernel")
+    assert [(l.din, l.dout, l.off) for l in plan.layers] == [("K", "X", "0"), ("X", "V", "K * X")]
+    assert "p1" in plan.bwd_slots and "za2" in plan.bwd_slots  # the read-out is recomputed
+    assert plan.hidden_slots == ("za1", "dt1", "p1", "dp1", "da1", "dd1", "dz1")
+    assert "def _lq_norms_vjp" in plan.library_src and "def _head_sum" not in plan.library_src
+
+
+def test_titans_plan():
+    """Titans: momentum on a depth-2 memory: split heads in the backward, a fused forward."""
+    plan = plan_mlp(_ir("titans"))
+    assert isinstance(plan, MlpPlan)
+    assert plan.momentum and plan.sliceable and not plan.split_forward and plan.lq is None
+    assert plan.kernels == ("_mlp_fwd_kernel", "_mlp_bwd_kernel")
+    assert (plan.fwd_launch.xs, plan.bwd_launch.xs, plan.bwd_launch.bxf) == (0, 128, 32)
+    assert plan.read_launch is None
+    assert "def _momentum_coefs" in plan.library_src and "def _head_sum" in plan.library_src
+
+
+def test_yaad_plan_splits_the_forward():
+    """gd on a depth-2 memory without lq: the writes and the read-out kernels, whose stored rows replace
+    three of the backward's scratch slots."""
+    plan = plan_mlp(_ir("yaad"))
+    assert isinstance(plan, MlpPlan)
+    assert plan.split_forward and plan.sliceable and not plan.momentum
+    assert plan.kernels == ("_mlp_write_kernel", "_mlp_read_kernel", "_mlp_bwd_kernel")
+    assert not {"p1", "p2", "za2"} & set(plan.bwd_slots)
+    assert plan.read_launch is not None and plan.read_launch.source() == (
+        '{"BX": 32, "XS": 0, "num_warps": 4, "num_stages": 2, "maxnreg": 0}')
+    assert plan.bwd_launch.source() == (
+        '{"BX": 64, "BXF": 64, "XS": 0, "num_warps": 8, "num_stages": 1, "maxnreg": 0}')
+
+
+def test_variant_flags():
+    retained = plan_mlp(_spec_ir("mlp(depth=3, expansion=2, act=silu, residual=true, norm=false)", "decay(0.9)",
+                                 "gd(lr=eta, chunk=16, at=retained)"))
+    assert isinstance(retained, MlpPlan) and retained.retained and not retained.sliceable
+    assert [(l.din, l.dout) for l in retained.layers] == [("K", "X"), ("X", "X"), ("X", "V")]
+    # at=retained without decay is at=previous
+    plain = plan_mlp(_spec_ir("mlp(depth=2, expansion=2, act=relu, residual=true, norm=true)", "none",
+                              "gd(lr=eta, chunk=16, at=retained)"))
+    assert isinstance(plain, MlpPlan) and not plain.retained
+    channel = plan_mlp(_spec_ir("mlp(depth=1, expansion=1, act=tanh, residual=true, norm=true)", "none",
+                                "gd(lr=eta, chunk=8)", decls=("gate eta : channel = softplus(rank=4, init=0.1)",)))
+    assert isinstance(channel, MlpPlan) and channel.eta_channel
+    fractional = plan_mlp(_spec_ir("mlp(depth=2, expansion=1, act=gelu, residual=true, norm=true)", "lq(q=2.5)",
+                                   "gd(lr=eta, chunk=16)"))
+    assert isinstance(fractional, MlpPlan) and fractional.lq.qi == 0 and fractional.lq.q == 2.5
+
+
+@pytest.mark.parametrize("example, why", [
+    ("memora", "the retention map 'softmax' has no triton kernel"),
+    ("deltanet", "not an MLP memory"),
+])
+def test_examples_refused(example, why):
+    plan = plan_mlp(_ir(example))
+    assert isinstance(plan, Refusal) and why in plan.reason
+
+
+@pytest.mark.parametrize("retention, algorithm, why", [
+    ("lq(q=1.5)", "gd(lr=eta, chunk=16)", "lq retention with q < 2 has no triton kernel"),
+    ("decay(0.9) + lq(q=4)", "gd(lr=eta, chunk=16, at=retained)",
+     "at=retained with a non-identity retention map has no triton kernel"),
+])
+def test_variants_refused(retention, algorithm, why):
+    plan = plan_mlp(_spec_ir("mlp(depth=2, expansion=2, act=gelu, residual=true, norm=true)", retention, algorithm))
+    assert isinstance(plan, Refusal) and why in plan.reason
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_activation_source_defines_the_three_functions(act):
+    tree = ast.parse(activation_source(act))
+    names = [n.name for n in tree.body if isinstance(n, ast.FunctionDef)]
+    assert names == ["_tl_act", "_tl_dact", "_tl_d2act"]
+    assert all(len(n.args.args) == 1 for n in tree.body)
