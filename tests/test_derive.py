@@ -308,7 +308,7 @@ def test_gradients_are_the_papers_update_directions():
     _close(ns["bias_grad"](y, v), torch.where(n <= 1.5, e, 1.5 * e / n), "huber_norm")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", ["l2", "lp3", "huber_channel", "huber_mix", "cauchy", "quantile", "trunc_min",
                                   "two_reductions", "dot"])
 def test_low_precision_dtypes(case, dtype):

@@ -66,7 +66,7 @@ ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("decl,other,message,at", ERRORS, ids=[e[2][:30] for e in ERRORS])
+@pytest.mark.parametrize("decl,other,message,at", ERRORS, ids=[e[0].removeprefix("param g = ") for e in ERRORS])
 def test_errors_are_located(decl, other, message, at):
     decl_all = (other["decl2"] + "\n    " if "decl2" in other else "") + decl
     text = spec(decl_all, retention=other.get("retention", "decay(g)"), lr=other.get("lr", "1"))

@@ -76,7 +76,7 @@ def test_compile_module_unregisters_a_module_that_fails(tmp_path):
     assert "_mirasc_testing_broken" not in sys.modules
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 def test_inputs_shapes_dtypes_and_ranges(gates, dtype):
     _, compiled = gates
     ir = compiled.ir

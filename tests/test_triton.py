@@ -12,9 +12,18 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import LinearVariant, compile_module, flatten_state, indexed_params, make_inputs, rel
+from conftest import (
+    LinearVariant,
+    compile_module,
+    flatten_state,
+    import_source,
+    indexed_params,
+    make_inputs,
+    rel,
+)
 
 from mirasc.codegen.triton import unsupported_reason
+from mirasc.compiler import compile_spec
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -75,6 +84,18 @@ def _compile(i, variant, tmp_path):
     return module, compiled.ir
 
 
+def _assert_agree(outs, ref_outs, out_names, leaves, ref_leaves, leaf_names, tol):
+    """Outputs finite and within tol (relative) of the reference; every leaf's gradient too, and non-zero in
+    the reference (else the comparison could not fail)."""
+    for what, a, b in zip(out_names, outs, ref_outs):
+        assert torch.isfinite(a).all(), what
+        assert rel(a, b) < tol, f"{what}: relative error {rel(a, b):.2e}"
+    for what, a, b in zip(leaf_names, leaves, ref_leaves):
+        assert a.grad is not None and torch.isfinite(a.grad).all(), f"d{what}"
+        assert b.grad.abs().sum() > 0, f"d{what} is zero: the comparison could not fail"
+        assert rel(a.grad, b.grad) < tol, f"d{what}: relative error {rel(a.grad, b.grad):.2e}"
+
+
 def _run(module, backend, dtype, chunk, q, k, v, params, s0, w_o, w_s):
     """memory() and the backward of a random linear function of its output and final state. s0 and w_s
     are a tensor or, for momentum, a tuple (S, m); the leaves are q, k, v, the parameters, the state's
@@ -107,14 +128,8 @@ def test_triton_matches_reference(i, variant, tmp_path):
     outs, leaves = _run(module, "triton", dtype, chunk, q, k, v, params, s0, w_o, w_s)
     ref_outs, ref_leaves = _run(module, "reference", torch.float64, chunk, q, k, v, params, s0, w_o, w_s)
     tol = 2e-4 if dtype == torch.float32 else 2e-2
-    names = ["q", "k", "v", *params, "initial_state"]
-    for what, a, b in zip(["o", "final state"], outs, ref_outs):
-        assert torch.isfinite(a).all(), what
-        assert rel(a, b) < tol, f"{what}: relative error {rel(a, b):.2e}"
-    for what, a, b in zip(names, leaves, ref_leaves):
-        assert a.grad is not None and torch.isfinite(a.grad).all(), f"d{what}"
-        assert b.grad.abs().sum() > 0, f"d{what} is zero: the comparison could not fail"
-        assert rel(a.grad, b.grad) < tol, f"d{what}: relative error {rel(a.grad, b.grad):.2e}"
+    _assert_agree(outs, ref_outs, ["o", "final state"], leaves, ref_leaves, ["q", "k", "v", *params, "initial_state"],
+                  tol)
 
 
 # Per-channel decay gates (alpha [B, T, H, V]) and momentum (scalar alpha and beta):
@@ -288,13 +303,7 @@ def _check_variant(idx, variant, tmp_path, heads=2):
         runs.append(([o, *finals], leaves))
     (outs, leaves), (ref_outs, ref_leaves) = runs
     names = ["q", "k", "v", *params, *(["S0", "m0"][:n] if with_s0 else [])]
-    for what, a, b in zip(["o", "final S", "final m"], outs, ref_outs):
-        assert torch.isfinite(a).all(), what
-        assert rel(a, b) < tol, f"{what}: relative error {rel(a, b):.2e}"
-    for what, a, b in zip(names, leaves, ref_leaves):
-        assert a.grad is not None and torch.isfinite(a.grad).all(), f"d{what}"
-        assert b.grad.abs().sum() > 0, f"d{what} is zero: the comparison could not fail"
-        assert rel(a.grad, b.grad) < tol, f"d{what}: relative error {rel(a.grad, b.grad):.2e}"
+    _assert_agree(outs, ref_outs, ["o", "final S", "final m"], leaves, ref_leaves, names, tol)
     return module
 
 
@@ -336,13 +345,14 @@ EXAMPLES = sorted((sys.modules["conftest"].ROOT / "examples").glob("*.miras"))
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_triton_examples_match_reference(path, tmp_path):
     """Every example with triton kernels, at its own chunk size: outputs, final state, every gradient."""
-    module, compiled = compile_module(path.read_text(), path.name, tmp_path, f"_ex_{path.stem}")
+    compiled = compile_spec(path.read_text(), path.name)
     if compiled.ir.memory.kind == "mlp":
         pytest.skip("MLP memory: tests/test_triton_mlp.py runs the MLP examples the MLP kernels cover")
     if "_memory_triton" not in compiled.source:
         reason = unsupported_reason(compiled.ir)
         assert reason, path.name
         pytest.skip(f"no triton kernels: {reason}")
+    module = import_source(compiled.source, f"_ex_{path.stem}", tmp_path)
     chunk = compiled.ir.algorithm.chunk
     B, H, K, V, T = 1, 2, 16, 16, chunk + 21
     q, k, v, params, gen = make_inputs(compiled.ir, B, T, H, K, V, dtype=torch.float64, seed=7)
@@ -353,8 +363,5 @@ def test_triton_examples_match_reference(path, tmp_path):
     s0, w_s = (tuple(s0), tuple(w_s)) if n == 2 else (s0[0], w_s[0])
     outs, leaves = _run(module, "triton", torch.float32, chunk, q, k, v, params, s0, w_o, w_s)
     ref_outs, ref_leaves = _run(module, "reference", torch.float64, chunk, q, k, v, params, s0, w_o, w_s)
-    for what, a, b in zip(["o", "final S", "final m"], outs, ref_outs):
-        assert rel(a, b) < 2e-4, f"{what}: relative error {rel(a, b):.2e}"
-    for what, a, b in zip(["q", "k", "v", *params, "S0", "m0"], leaves, ref_leaves):
-        assert b.grad.abs().sum() > 0, f"d{what} is zero: the comparison could not fail"
-        assert rel(a.grad, b.grad) < 2e-4, f"d{what}: relative error {rel(a.grad, b.grad):.2e}"
+    _assert_agree(outs, ref_outs, ["o", "final S", "final m"], leaves, ref_leaves, ["q", "k", "v", *params, "S0", "m0"],
+                  2e-4)
