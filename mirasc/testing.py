@@ -17,9 +17,7 @@ depends on pytest.
 """
 from __future__ import annotations
 
-import importlib.util
 import itertools
-import sys
 import types
 import zlib
 from collections.abc import Callable, Sequence
@@ -54,17 +52,11 @@ def long_sequence_range(p) -> tuple[float, float]:
 def import_source(source: str, name: str, folder: str | Path) -> types.ModuleType:
     """Write generated source to folder/<name>.py and import it as module `name` (registered in
     sys.modules, as dataclasses and pickling need)."""
+    from .compiler import import_file
+
     target = Path(folder) / f"{name}.py"
     target.write_text(source, encoding="utf-8")
-    spec = importlib.util.spec_from_file_location(name, target)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
+    return import_file(name, target)
 
 
 def compile_module(text: str, file: str, folder: str | Path, name: str | None = None, prefix: str = "_mirasc_"):
