@@ -7,7 +7,8 @@ One place for what the tests (tests/), the benchmark scripts (benchmarks/) and `
 - `make_inputs`: q, k (unit norm, as the block makes them), v and every runtime parameter of a layer
   (gates and learnables) drawn uniformly in a range that keeps the recurrence stable;
 - `make_state`: a random, never zero, initial state in the layout of docs/semantics.md ("State
-  objects"): one matrix for a linear memory, one per MLP layer, then the momentum buffers;
+  objects"): one matrix for a linear memory, one per MLP layer, then the momentum buffers
+  (`layer_dims` gives the matrices' shapes, `flatten_state` a state's tensors as a list);
 - `draw_lengths` / `cu_seqlens`: packed variable-length batches;
 - `stable_seed`, `rel`: reproducible seeds from test parameters, and the relative error every
   agreement check reports.
