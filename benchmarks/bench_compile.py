@@ -33,12 +33,12 @@ if SMOKE:  # must precede the first import of triton
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import import_spec, lp_decay_spec, median_ms, rel
+from mirasc.testing import long_sequence_range, make_inputs
 
 B, T, D_MODEL, H, K = (1, 24, 32, 2, 16) if SMOKE else (8, 2048, 1024, 16, 64)
 DEV = "cpu" if SMOKE else "cuda"
@@ -108,15 +108,9 @@ def graph_check(module, ir) -> tuple[float, float, float]:
     gen = torch.Generator(device=DEV).manual_seed(3)
 
     def draw():
-        q = F.normalize(torch.randn(B, T, H, K, device=DEV, generator=gen), dim=-1).bfloat16()
-        k = F.normalize(torch.randn(B, T, H, K, device=DEV, generator=gen), dim=-1).bfloat16()
-        v = torch.randn(B, T, H, K, device=DEV, generator=gen).bfloat16()
-        params = {}
-        for p in ir.inputs():
-            lo, hi = (0.9, 0.99) if p.activation == "sigmoid" else (0.005, 0.02)
-            shape = (H,) if p.kind == "learnable" else (B, T, H) if p.shape == "head" else (B, T, H, K)
-            params[p.name] = lo + (hi - lo) * torch.rand(shape, device=DEV, generator=gen)
-        return q, k, v, params
+        q, k, v, params, _ = make_inputs(ir, B, T, H, K, K, dtype=torch.float32, device=DEV, gen=gen,
+                                         ranges=long_sequence_range)
+        return q.bfloat16(), k.bfloat16(), v.bfloat16(), params
 
     q, k, v, params = draw()
     call = lambda: module.memory(q, k, v, **params, backend="triton")[0]

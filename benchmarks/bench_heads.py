@@ -23,13 +23,13 @@ if SMOKE:  # must precede the first import of triton
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch
-import torch.nn.functional as F
 import triton
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import import_spec, lp_decay_spec, median_ms, rel
+from mirasc.testing import make_inputs, make_state
 
 B, T, WIDTH = (1, 40, 256) if SMOKE else (4, 2048, 1024)
 DIMS = (64, 256) if SMOKE else (64, 128, 256)
@@ -38,14 +38,12 @@ DEV = "cpu" if SMOKE else "cuda"
 
 
 def inputs(ir, H: int, D: int, seed: int = 0):
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    q = F.normalize(torch.randn(B, T, H, D, device=DEV, generator=g), dim=-1).bfloat16()
-    k = F.normalize(torch.randn(B, T, H, D, device=DEV, generator=g), dim=-1).bfloat16()
-    v = torch.randn(B, T, H, D, device=DEV, generator=g).bfloat16()
-    gates = {"a": 0.99 + 0.01 * torch.rand(B, T, H, device=DEV, generator=g),
-             "eta": 0.05 + 0.05 * torch.rand(B, T, H, device=DEV, generator=g)}
-    s0 = 0.1 * torch.randn(B, H, D, D, device=DEV, generator=g)
-    return [q, k, v, gates["a"], gates["eta"], s0]
+    """[q, k, v (bf16), a in (0.99, 1), eta in (0.05, 0.1), S ~ 0.1 N(0, 1)] for the lp layer."""
+    ranges = {"a": (0.99, 1.0), "eta": (0.05, 0.1)}
+    q, k, v, gates, g = make_inputs(ir, B, T, H, D, D, dtype=torch.float32, seed=seed, device=DEV,
+                                    ranges=lambda p: ranges[p.name])
+    s0 = make_state(ir, B, H, D, D, dtype=torch.float32, gen=g, scale=0.1 * D ** 0.5, device=DEV)
+    return [q.bfloat16(), k.bfloat16(), v.bfloat16(), gates["a"], gates["eta"], s0]
 
 
 def run(module, leaves, chunk, backend, weights=None):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import os
 import re
 import sys
@@ -41,8 +40,8 @@ import triton
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import bf16_nudged, rel
-from mirasc.compiler import compile_spec
+from benchmarks.common import bf16_nudged, import_spec, peak_mib, rel
+from mirasc.testing import flatten_state, long_sequence_range, make_inputs, make_state
 
 B, T, H, D = (1, 40, 2, 16) if SMOKE else (8, 2048, 16, 64)
 DEV = "cpu" if SMOKE else "cuda"
@@ -93,43 +92,21 @@ def compile_example(i: int, file: str):
 
 
 def load_module(i: int, text: str):
-    compiled = compile_spec(text, f"bench{i}.miras")
-    path = Path(tempfile.mkdtemp()) / f"bench{i}.py"
-    path.write_text(compiled.source)
-    spec = importlib.util.spec_from_file_location(f"bench{i}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module, compiled.ir
+    return import_spec(text, f"bench{i}.miras", Path(tempfile.mkdtemp()), "_bench_linear_")
 
 
 def inputs(ir, Tn=T, dtype=torch.bfloat16, seed=0, Bn=B):
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    q = F.normalize(torch.randn(Bn, Tn, H, D, device=DEV, generator=g), dim=-1).to(dtype)
-    k = F.normalize(torch.randn(Bn, Tn, H, D, device=DEV, generator=g), dim=-1).to(dtype)
-    v = torch.randn(Bn, Tn, H, D, device=DEV, generator=g).to(dtype)
-    params = {}
-    for p in ir.inputs():
-        # decays in (0.9, 0.99); learning rates small enough that 64 summed gradients stay stable
-        lo, hi = (0.9, 0.99) if p.activation == "sigmoid" else (0.005, 0.02)
-        if p.name == "beta":  # the delta rule's step size, as in DeltaNet
-            lo, hi = 0.1, 0.9
-        if p.kind == "learnable":  # the Cauchy scale c: near 1, where the loss is well conditioned
-            lo, hi = 0.5, 1.5
-        shape = (H,) if p.kind == "learnable" else (Bn, Tn, H, D) if p.shape == "channel" else (Bn, Tn, H)
-        params[p.name] = lo + (hi - lo) * torch.rand(shape, device=DEV, generator=g)
-    return q, k, v, params
-
-
-
-def flat(state) -> list:
-    return [state] if torch.is_tensor(state) else list(state)
+    """q, k, v in dtype; fp32 gates in ranges stable over Tn tokens (mirasc.testing.long_sequence_range)."""
+    q, k, v, params, _ = make_inputs(ir, Bn, Tn, H, D, D, dtype=torch.float32, seed=seed, device=DEV,
+                                     ranges=long_sequence_range)
+    return q.to(dtype), k.to(dtype), v.to(dtype), params
 
 
 def agreement(name, module, ir, rows):
     q, k, v, params = inputs(ir, seed=1)
-    s0 = [0.1 * torch.randn(B, H, D, D, device=DEV)]
-    if ir.algorithm.kind == "momentum":  # the state is (S, m)
-        s0.append(0.01 * torch.randn(B, H, D, D, device=DEV))
+    # S ~ 0.1 N(0, 1) (and for momentum the buffer m)
+    s0 = flatten_state(make_state(ir, B, H, D, D, dtype=torch.float32, scale=0.1 * D ** 0.5, device=DEV,
+                                  gen=torch.Generator(device=DEV).manual_seed(2)))
     ns = len(s0)
 
     def state(xs):
@@ -139,7 +116,7 @@ def agreement(name, module, ir, rows):
         torch.cuda.synchronize()
     o, s = module.memory(*leaves[:3], **dict(zip(params, leaves[3:-ns])), initial_state=state(leaves[-ns:]),
                          output_final_state=True, backend="triton")
-    s = flat(s)
+    s = flatten_state(s)
     w_o, w_s = torch.randn_like(o, dtype=torch.float32), [torch.randn_like(x) for x in s]
     ((o.float() * w_o).sum() + sum((x * w).sum() for x, w in zip(s, w_s))).backward()
     with torch.no_grad():
@@ -148,8 +125,8 @@ def agreement(name, module, ir, rows):
     ref_leaves = [x.detach().float().clone().requires_grad_() for x in (q, k, v, *params.values(), *s0)]
     o_t, s_t = module.memory(*ref_leaves[:3], **dict(zip(params, ref_leaves[3:-ns])),
                              initial_state=state(ref_leaves[-ns:]), output_final_state=True, backend="torch")
-    ((o_t * w_o).sum() + sum((x * w).sum() for x, w in zip(flat(s_t), w_s))).backward()
-    errs = {"o": rel(o, o_ref), "state": max(rel(a, b) for a, b in zip(s, flat(s_ref)))}
+    ((o_t * w_o).sum() + sum((x * w).sum() for x, w in zip(flatten_state(s_t), w_s))).backward()
+    errs = {"o": rel(o, o_ref), "state": max(rel(a, b) for a, b in zip(s, flatten_state(s_ref)))}
     for n, a, b in zip(["dq", "dk", "dv", *[f"d{p}" for p in params], "ds0", "dm0"], leaves, ref_leaves):
         errs[n] = rel(a.grad, b.grad)
     finite = all(torch.isfinite(x).all().item() for x in (o, *s, *(x.grad for x in leaves)))
@@ -159,7 +136,7 @@ def agreement(name, module, ir, rows):
     noisy = bf16_nudged([q, k, v, *params.values(), *s0], torch.Generator(device=DEV).manual_seed(5))
     o_n, s_n = module.memory(*noisy[:3], **dict(zip(params, noisy[3:-ns])), initial_state=state(noisy[-ns:]),
                              output_final_state=True, backend="torch")
-    ((o_n * w_o).sum() + sum((x * w).sum() for x, w in zip(flat(s_n), w_s))).backward()
+    ((o_n * w_o).sum() + sum((x * w).sum() for x, w in zip(flatten_state(s_n), w_s))).backward()
     sens = max(rel(a.grad, b.grad) for a, b in zip(noisy, ref_leaves))
     grads = {k_: v_ for k_, v_ in errs.items() if k_.startswith("d")}
     worst_grad = max(grads, key=grads.get)
@@ -184,21 +161,6 @@ def bench(fn, what):
         return float("nan")
 
 
-def peak_mib(fn) -> float:
-    """Memory allocated by one call of fn beyond what was live before it (MiB): fwd+bwd's working set."""
-    if SMOKE:
-        return float("nan")
-    try:
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    except Exception:  # noqa: BLE001 - reported as missing, like a failed timing
-        return float("nan")
-
-
 def fwd_bwd(run, leaves):
     def f():
         for x in leaves:
@@ -219,7 +181,7 @@ def time_layer(module, ir, Tn=T, backend="triton", Bn=B):
     with torch.no_grad():
         fwd = bench(run, "fwd")
     both = fwd_bwd(run, leaves)
-    return fwd, bench(both, "fwd+bwd"), peak_mib(both)
+    return fwd, bench(both, "fwd+bwd"), peak_mib(both, SMOKE)
 
 
 def peers():
@@ -234,7 +196,7 @@ def peers():
     with torch.no_grad():
         f = bench(sdpa, "sdpa")
     both = fwd_bwd(sdpa, [qt, kt, vt])
-    out["causal softmax attention (SDPA)"] = (f, bench(both, "sdpa bwd"), peak_mib(both))
+    out["causal softmax attention (SDPA)"] = (f, bench(both, "sdpa bwd"), peak_mib(both, SMOKE))
     if SMOKE:  # fla's kernels need CUDA
         return out
     try:
@@ -266,7 +228,7 @@ def peers():
         with torch.no_grad():
             f = bench(fn, name)
         both = fwd_bwd(fn, leaves)
-        out[name] = (f, bench(both, name + " bwd"), peak_mib(both))
+        out[name] = (f, bench(both, name + " bwd"), peak_mib(both, SMOKE))
         print(f"| {name} | {out[name][0]:.3f} | {out[name][1]:.3f} | {out[name][2]:.0f} |", flush=True)
     return out
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import itertools
 import json
 import os
 import re
@@ -59,13 +58,13 @@ if SMOKE:  # must precede the first import of triton
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch
-import torch.nn.functional as F
 import triton
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import bf16_nudged, import_spec, rel
+from benchmarks.common import bf16_nudged, import_spec, peak_mib, rel
+from mirasc.testing import flatten_state, make_inputs, make_state
 
 B, T, H, D, CHUNK = (1, 40, 2, 16, 16) if SMOKE else (8, 2048, 16, 64, 64)
 DEV = "cpu" if SMOKE else "cuda"
@@ -155,27 +154,11 @@ def gate_range(ir, p) -> tuple[float, float]:
 
 def inputs(ir, seed=0, Bn=B):
     """bf16 q, k (unit norm), v; fp32 gates; an fp32 initial state (per weight matrix, then momenta)."""
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    q = F.normalize(torch.randn(Bn, T, H, D, device=DEV, generator=g), dim=-1).bfloat16()
-    k = F.normalize(torch.randn(Bn, T, H, D, device=DEV, generator=g), dim=-1).bfloat16()
-    v = torch.randn(Bn, T, H, D, device=DEV, generator=g).bfloat16()
-    params = {}
-    for p in ir.inputs():
-        lo, hi = gate_range(ir, p)
-        shape = (H,) if p.kind == "learnable" else (Bn, T, H, D) if p.shape == "channel" else (Bn, T, H)
-        params[p.name] = lo + (hi - lo) * torch.rand(shape, device=DEV, generator=g)
-    if ir.memory.kind == "linear":
-        weights = [0.1 * torch.randn(Bn, H, D, D, device=DEV, generator=g)]
-    else:
-        dims = [D] + [ir.memory.expansion * D] * (ir.memory.depth - 1) + [D]
-        weights = [torch.randn(Bn, H, a, b, device=DEV, generator=g) / a ** 0.5 for a, b in itertools.pairwise(dims)]
-    if ir.algorithm.kind == "momentum":
-        weights += [torch.zeros_like(w) for w in weights]
-    return q, k, v, params, weights
-
-
-def flat(state) -> list:
-    return [state] if torch.is_tensor(state) else list(state)
+    q, k, v, params, g = make_inputs(ir, Bn, T, H, D, D, dtype=torch.float32, seed=seed, device=DEV,
+                                     ranges=lambda p: gate_range(ir, p))
+    scale = 0.1 * D ** 0.5 if ir.memory.kind == "linear" else 1.0  # a matrix memory: S ~ 0.1 N(0, 1)
+    weights = flatten_state(make_state(ir, Bn, H, D, D, dtype=torch.float32, gen=g, scale=scale, device=DEV))
+    return q.bfloat16(), k.bfloat16(), v.bfloat16(), params, weights
 
 
 
@@ -186,7 +169,7 @@ def run_memory(module, leaves, names, n_state, backend, weights=None):
     state = leaves[3 + len(names):]
     o, final = module.memory(q, k, v, **params, initial_state=state[0] if n_state == 1 else tuple(state),
                              output_final_state=True, chunk_size=CHUNK, backend=backend)
-    outs = [o, *flat(final)]
+    outs = [o, *flatten_state(final)]
     if weights is not None:
         sum((x.float() * w).sum() for x, w in zip(outs, weights)).backward()
     return outs
@@ -335,18 +318,6 @@ def timer(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def peak_mib(fn) -> float:
-    """Memory allocated by one call of fn beyond what was live before it (MiB)."""
-    if SMOKE:
-        return float("nan")
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
 def time_layer(module, ir, backend):
     """(fwd ms, fwd+bwd ms, MiB of one fwd+bwd) of memory() with gradients for every input."""
     q, k, v, params, state = inputs(ir)
@@ -365,7 +336,7 @@ def time_layer(module, ir, backend):
         f = timer(fwd)
     STAGE[0] = f"{backend} fwd+bwd"
     fb = timer(both)
-    return f, fb, peak_mib(both)
+    return f, fb, peak_mib(both, SMOKE)
 
 
 def child_speed(name: str, cfgs, tf32: bool, backend: str) -> int:
@@ -404,7 +375,7 @@ def child_titans_pytorch() -> int:
         f = timer(fwd)
     STAGE[0] = "titans-pytorch fwd+bwd"
     fb = timer(both)
-    say(f"@@SPEED | titans-pytorch NeuralMemory (fp32, whole layer) | {f:.3f} | {fb:.3f} | {peak_mib(both):.0f} |")
+    say(f"@@SPEED | titans-pytorch NeuralMemory (fp32, whole layer) | {f:.3f} | {fb:.3f} | {peak_mib(both, SMOKE):.0f} |")
     return 0
 
 

@@ -26,12 +26,12 @@ import traceback
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import import_spec, lp_decay_spec, rel
+from mirasc.testing import long_sequence_range, make_inputs, make_state
 
 
 def load(text: str, name: str, out: Path):
@@ -55,23 +55,15 @@ def layers(out: Path) -> list:
 
 def token_inputs(ir, B, H, K, V, dev, dtype, gen):
     """One token: q, k (unit norm), v in dtype and every runtime parameter in float32."""
-    q = F.normalize(torch.randn(B, H, K, device=dev, generator=gen), dim=-1).to(dtype)
-    k = F.normalize(torch.randn(B, H, K, device=dev, generator=gen), dim=-1).to(dtype)
-    v = torch.randn(B, H, V, device=dev, generator=gen).to(dtype)
-    params = {}
-    for p in ir.inputs():
-        lo, hi = (0.9, 0.99) if p.activation == "sigmoid" else (0.005, 0.02)
-        if p.name == "beta":  # the delta rule's step size, as in DeltaNet
-            lo, hi = 0.1, 0.9
-        shape = (H,) if p.kind == "learnable" else (B, H) if p.shape == "head" else (B, H, V)
-        params[p.name] = lo + (hi - lo) * torch.rand(shape, device=dev, generator=gen)
-    return q, k, v, params
-
+    q, k, v, params, _ = make_inputs(ir, B, 1, H, K, V, dtype=torch.float32, device=dev, gen=gen,
+                                     ranges=long_sequence_range)
+    return (q[:, 0].to(dtype), k[:, 0].to(dtype), v[:, 0].to(dtype),
+            {n: (p if p.dim() == 1 else p[:, 0]) for n, p in params.items()})
 
 
 def agreement(module, ir, B, H, K, V, dev, dtype, n=16) -> tuple[float, float]:
     gen = torch.Generator(device=dev).manual_seed(1)
-    s0 = torch.randn(B, H, K, V, device=dev, generator=gen) / K ** 0.5
+    s0 = make_state(ir, B, H, K, V, dtype=torch.float32, gen=gen, device=dev)
     toks = [token_inputs(ir, B, H, K, V, dev, dtype, gen) for _ in range(n)]
     outs, finals = {}, {}
     with torch.no_grad():
@@ -96,7 +88,7 @@ def wall_ms(fn, n: int, sync) -> float:
 
 def time_backend(module, ir, backend, B, H, K, V, dev, dtype, smoke: bool) -> dict:
     gen = torch.Generator(device=dev).manual_seed(2)
-    s0 = torch.randn(B, H, K, V, device=dev, generator=gen) / K ** 0.5
+    s0 = make_state(ir, B, H, K, V, dtype=torch.float32, gen=gen, device=dev)
     q, k, v, params = token_inputs(ir, B, H, K, V, dev, dtype, gen)
     state = module.decode_state(s0)
     with torch.no_grad():

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import import_spec, rel
+from mirasc.testing import make_inputs
 
 
 def block_step(layer, x):
@@ -40,12 +41,9 @@ def block_step(layer, x):
 
 def memory_step(module, ir, B, T, H, D, seed=0):
     """A closure running memory() forward + backward on fixed random inputs (gates in (0.5, 1))."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.nn.functional.normalize(torch.randn(B, T, H, D, generator=g), dim=-1).requires_grad_()
-    k = torch.nn.functional.normalize(torch.randn(B, T, H, D, generator=g), dim=-1).requires_grad_()
-    v = torch.randn(B, T, H, D, generator=g).requires_grad_()
-    gates = {p.name: (0.5 + 0.5 * torch.rand(B, T, H, generator=g)).requires_grad_()
-             for p in ir.inputs() if p.kind == "gate"}
+    q, k, v, gates, _ = make_inputs(ir, B, T, H, D, D, dtype=torch.float32, seed=seed, ranges=lambda p: (0.5, 1.0))
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    gates = {n: x.requires_grad_() for n, x in gates.items()}
 
     def run():
         o, _ = module.memory(q, k, v, **gates, backend="torch")

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import import_spec, lp_decay_spec, median_ms, rel
+from mirasc.testing import cu_seqlens, draw_lengths, flatten_state, make_inputs, make_state
 
 H, D = (2, 16) if SMOKE else (16, 64)
 TOTAL, COUNTS = (80, (3,)) if SMOKE else (16384, (4, 16, 64))
@@ -39,32 +40,16 @@ DEV = "cpu" if SMOKE else "cuda"
 MLP = "mlp(depth=2, expansion=4, act=gelu, residual=true, norm=true) init learned"  # as in bench_mlp.py
 
 
-def lengths(n: int, seed: int) -> list[int]:
-    """n positive lengths summing to TOTAL, drawn from a Dirichlet-like split (fixed seed)."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.rand(n, generator=g) + 0.2
-    raw = (w / w.sum() * (TOTAL - n)).floor().long() + 1
-    raw[-1] += TOTAL - raw.sum()
-    return raw.tolist()
-
-
-def inputs(module, ir, lens: list[int], seed: int = 0):
+def inputs(ir, lens: list[int], seed: int = 0):
     """[q, k, v, gates..., initial state tensors...] (one state per sequence), the gates' names."""
-    g = torch.Generator(device=DEV).manual_seed(seed)
     mlp = ir.memory.kind == "mlp"
-    T = sum(lens)
-    q = F.normalize(torch.randn(1, T, H, D, device=DEV, generator=g), dim=-1).bfloat16()
-    k = F.normalize(torch.randn(1, T, H, D, device=DEV, generator=g), dim=-1).bfloat16()
-    v = torch.randn(1, T, H, D, device=DEV, generator=g).bfloat16()
-    params = {}
-    for p in ir.inputs():
-        lo, hi = {"alpha": (0.95, 1.0), "a": (0.999 if mlp else 0.95, 1.0), "beta": (0.1, 0.9)}.get(
-            p.name, (0.01, 0.1))
-        shape = (H,) if p.kind == "learnable" else (1, T, H, D) if p.shape == "channel" else (1, T, H)
-        params[p.name] = lo + (hi - lo) * torch.rand(shape, device=DEV, generator=g)
-    shapes = module._layer_shapes(D, D) if mlp else [(D, D)]
-    s0 = [0.1 * torch.randn(len(lens), H, a, b, device=DEV, generator=g) for a, b in shapes]
-    return [q, k, v, *params.values(), *s0], list(params)
+    ranges = {"alpha": (0.95, 1.0), "a": (0.999 if mlp else 0.95, 1.0), "beta": (0.1, 0.9)}
+    q, k, v, params, g = make_inputs(ir, 1, sum(lens), H, D, D, dtype=torch.float32, seed=seed, device=DEV,
+                                     ranges=lambda p: ranges.get(p.name, (0.01, 0.1)))
+    # one state per sequence; the first weight matrix ~ 0.1 N(0, 1)
+    s0 = flatten_state(make_state(ir, len(lens), H, D, D, dtype=torch.float32, gen=g, scale=0.1 * D ** 0.5,
+                                  device=DEV))
+    return [q.bfloat16(), k.bfloat16(), v.bfloat16(), *params.values(), *s0], list(params)
 
 
 def state_of(leaves, names):
@@ -80,10 +65,6 @@ def joined(finals):
     return tuple(torch.cat(xs, 0) for xs in zip(*finals))
 
 
-def flat(final):
-    return [final] if isinstance(final, torch.Tensor) else list(final)
-
-
 def packed(module, leaves, names, cu, chunk):
     q, k, v = leaves[:3]
     return module.memory(q, k, v, **dict(zip(names, leaves[3:3 + len(names)])),
@@ -94,7 +75,7 @@ def packed(module, leaves, names, cu, chunk):
 def looped(module, leaves, names, bounds, chunk):
     """One triton call per sequence, outputs and states joined as the packed call returns them."""
     outs, finals = [], []
-    s0 = flat(state_of(leaves, names))
+    s0 = flatten_state(state_of(leaves, names))
     for n, (a, b) in enumerate(pairwise(bounds)):
         params = {p: (x if x.dim() == 1 else x[:, a:b]) for p, x in zip(names, leaves[3:3 + len(names)])}
         s0_n = [x[n:n + 1] for x in s0]
@@ -128,16 +109,16 @@ def fwd_bwd(fn, leaves):
         for x in leaves:
             x.grad = None
         o, f = fn(leaves)
-        (o.float().square().sum() + sum(x.square().sum() for x in flat(f))).backward()
+        (o.float().square().sum() + sum(x.square().sum() for x in flatten_state(f))).backward()
     return run
 
 
 def row(module, ir, label: str, chunk: int, N: int) -> str:
     """Agreement and times of one layer at N packed sequences: a table row."""
-    lens = lengths(N, seed=N)
-    bounds = [0, *torch.tensor(lens).cumsum(0).tolist()]
-    cu = torch.tensor(bounds, device=DEV, dtype=torch.int32)
-    base, names = inputs(module, ir, lens)
+    lens = draw_lengths(TOTAL, N, seed=N)
+    cu = cu_seqlens(lens, dtype=torch.int32, device=DEV)
+    bounds = cu.tolist()
+    base, names = inputs(ir, lens)
     runs = (lambda xs: packed(module, xs, names, cu, chunk), lambda xs: looped(module, xs, names, bounds, chunk),
             lambda xs: padded(module, xs, names, bounds, chunk))
     a = [x.detach().clone().requires_grad_() for x in base]
@@ -145,7 +126,7 @@ def row(module, ir, label: str, chunk: int, N: int) -> str:
     fwd_bwd(runs[0], a)()
     fwd_bwd(runs[1], b)()
     (oa, fa), (ob, fb) = runs[0](a), runs[1](b)
-    worst = max([rel(oa, ob)] + [rel(x, y) for x, y in zip(flat(fa), flat(fb))]
+    worst = max([rel(oa, ob)] + [rel(x, y) for x, y in zip(flatten_state(fa), flatten_state(fb))]
                 + [rel(x.grad, y.grad) for x, y in zip(a, b)])
     nograd = [x.detach() for x in base]
     times = []

@@ -1,21 +1,15 @@
-"""What the benchmark scripts share: compiling a spec into an importable module, the lp layer, the
-relative error every agreement check reports, and the timer."""
+"""What the benchmark scripts share beyond mirasc/testing.py (compiling a spec, drawing inputs, the
+relative error `rel`): the lp layer the tables lead with, bf16-nudged leaves and the timer."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
-from mirasc.compiler import compile_spec
+from mirasc.testing import compile_module, rel  # noqa: F401 - the scripts import rel from here
 
 
 def import_spec(text: str, name: str, out: Path, prefix: str):
-    """Compile spec text (named `name` in errors), write the module into `out`, import it: (module, ir)."""
-    compiled = compile_spec(text, name)
-    path = out / f"{compiled.stem}.py"
-    path.write_text(compiled.source)
-    spec = importlib.util.spec_from_file_location(f"{prefix}{compiled.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    """Compile spec text (named `name` in errors) into module <prefix><stem> in `out`: (module, ir)."""
+    module, compiled = compile_module(text, name, out, prefix=prefix)
     return module, compiled.ir
 
 
@@ -35,12 +29,6 @@ def lp_decay_spec(heads: int, dim: int, chunk: int = 64) -> str:
 """
 
 
-def rel(a, b) -> float:
-    """||a - b|| / ||b|| over all elements, in float64."""
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 def bf16_nudged(leaves: list, generator) -> list:
     """Float32 leaves (requiring grad) with q, k, v (the first three) moved by bf16 rounding: relative
     noise uniform in +-2^-9, half a bf16 ulp. How far a layer's gradients move under it is how well any
@@ -53,6 +41,24 @@ def bf16_nudged(leaves: list, generator) -> list:
             x = x * (1 + 2 ** -9 * (2 * torch.rand(x.shape, device=x.device, generator=generator) - 1))
         out.append(x.clone().requires_grad_())
     return out
+
+
+def peak_mib(fn, dry_run: bool = False) -> float:
+    """Memory allocated by one call of fn beyond what was live before it (MiB): fwd+bwd's working set. A
+    dry run (the scripts' --smoke), or a call that fails, gives nan, reported as missing like a failed
+    timing."""
+    if dry_run:
+        return float("nan")
+    import torch
+    try:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    except Exception:  # noqa: BLE001 - reported as missing
+        return float("nan")
 
 
 def median_ms(fn, dry_run: bool = False) -> float:

@@ -6,7 +6,6 @@ nothing; benchmarks/ holds the scripts whose tables are committed.
 """
 from __future__ import annotations
 
-import importlib.util
 import statistics
 import sys
 import tempfile
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .compiler import compile_spec
+from .testing import compile_module, long_sequence_range, make_inputs, make_state
 
 
 def _median_ms(fn, device: torch.device, warmup: int, reps: int) -> float:
@@ -38,27 +37,6 @@ def _median_ms(fn, device: torch.device, warmup: int, reps: int) -> float:
     return statistics.median(times)
 
 
-def _import(source: str, stem: str):
-    path = Path(tempfile.mkdtemp(prefix="mirasc-bench-")) / f"{stem}.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location(f"mirasc_bench_{stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def _state(ir, B, H, K, V, device):
-    """A random initial state in the generated module's layout (weights ~ N(0, 1/fan_in))."""
-    mem = ir.memory
-    dims = [(K, V)] if mem.kind == "linear" else list(zip(
-        [K] + [mem.expansion * K] * (mem.depth - 1), [mem.expansion * K] * (mem.depth - 1) + [V]))
-    mats = [torch.randn(B, H, a, b, device=device) / a ** 0.5 for a, b in dims]
-    if ir.algorithm.kind == "momentum":
-        mats += [torch.zeros_like(m) for m in mats]
-    return mats[0] if (mem.kind == "linear" and ir.algorithm.kind == "gd") else tuple(mats)
-
-
 def run_bench(spec_path: str, batch: int, seq: int, dtype: str, device: str, reps: int,
               out=sys.stdout) -> str:
     """Time the spec's layer; returns (and prints) the markdown table."""
@@ -67,19 +45,16 @@ def run_bench(spec_path: str, batch: int, seq: int, dtype: str, device: str, rep
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     if dev.type == "cpu" and dt != torch.float32:
         dt = torch.float32  # half-precision matmuls are slow or missing on CPUs
-    compiled = compile_spec(Path(spec_path).read_text(encoding="utf-8"), spec_path)
-    ir, module = compiled.ir, _import(compiled.source, compiled.stem)
+    stem = Path(spec_path).stem
+    module, compiled = compile_module(Path(spec_path).read_text(encoding="utf-8"), spec_path,
+                                      tempfile.mkdtemp(prefix="mirasc-bench-"), f"mirasc_bench_{stem}")
+    ir = compiled.ir
     B, T, H, K, V = batch, seq, ir.block.heads, ir.block.key_dim, ir.block.value_dim
-    g = torch.Generator(device=dev).manual_seed(0)
-    q = F.normalize(torch.randn(B, T, H, K, device=dev, generator=g), dim=-1).to(dt)
-    k = F.normalize(torch.randn(B, T, H, K, device=dev, generator=g), dim=-1).to(dt)
-    v = torch.randn(B, T, H, V, device=dev, generator=g).to(dt)
-    params = {}
-    for p in ir.inputs():
-        lo, hi = (0.9, 0.99) if p.activation == "sigmoid" else (0.005, 0.02)
-        shape = (H,) if p.kind == "learnable" else (B, T, H) if p.shape == "head" else (B, T, H, V)
-        params[p.name] = lo + (hi - lo) * torch.rand(shape, device=dev, generator=g)
-    state = _state(ir, B, H, K, V, dev)
+    # q, k, v in the timed dtype; gates (in ranges stable over long sequences) and the state in float32
+    q, k, v, params, g = make_inputs(ir, B, T, H, K, V, dtype=torch.float32, device=dev,
+                                     ranges=long_sequence_range)
+    q, k, v = (x.to(dt) for x in (q, k, v))
+    state = make_state(ir, B, H, K, V, dtype=torch.float32, gen=g, device=dev)
     warmup = 3
     title = (f"# {ir.name}: B={B}, T={T}, H={H}, K={K}, V={V}, {str(dt).replace('torch.', '')}, {dev.type}, "
              f"chunk {ir.algorithm.chunk}")

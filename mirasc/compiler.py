@@ -174,8 +174,13 @@ def load_source(text: str, file: str = "<spec>") -> types.ModuleType:
     name = f"mirasc_generated.{stem}"
     if name in sys.modules:
         return sys.modules[name]
-    target = _cached(text, file, stem)
-    spec = importlib.util.spec_from_file_location(name, target)
+    return import_file(name, _cached(text, file, stem))
+
+
+def import_file(name: str, path: str | os.PathLike) -> types.ModuleType:
+    """Import the Python file at `path` as module `name`, registered in sys.modules (and removed again
+    when it fails). From a file, not a string: Triton's jit reads a kernel's source from its file."""
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module

@@ -189,7 +189,6 @@ _LOCATED = re.compile(r"^.+:\d+:\d+: error: [^\n]+$")
 
 def run_case(text: str, seed: int = 0) -> Outcome:
     """Check, compile, import and run one spec (in this process); see the module docstring."""
-    import importlib.util
     import sys
     import tempfile
 
@@ -212,17 +211,13 @@ def run_case(text: str, seed: int = 0) -> Outcome:
         compiled = compile_spec(text, "fuzz.miras")
     except Exception as exc:  # noqa: BLE001 - check accepted it: any refusal is a disagreement
         return Outcome("disagree", _tb(exc))
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import make_inputs, make_state
+    from mirasc.testing import import_source, make_inputs, make_state
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "fuzz_module.py"
-        path.write_text(compiled.source, encoding="utf-8")
         name = f"_mirasc_fuzz_{seed}"
         try:
-            spec = importlib.util.spec_from_file_location(name, path)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
+            module = import_source(compiled.source, name, tmp)
+            sys.modules.pop(name)  # one module per case: a long run keeps none of them
             ir = compiled.ir
             B, T, H, K, V = 1, 8, 1, 4, 4
             q, k, v, params, gen = make_inputs(ir, B, T, H, K, V, seed=seed)
@@ -262,17 +257,13 @@ def _tb(exc: BaseException) -> str:
 
 def _warm() -> None:
     """Import what run_case imports, so a worker's first case is timed like every other."""
-    import sys
-
     import torch  # noqa: F401
 
     import mirasc.codegen.emit
     import mirasc.compiler
-    import mirasc.symbolic.derive  # noqa: F401
+    import mirasc.symbolic.derive
+    import mirasc.testing  # noqa: F401
     from mirasc.frontend.parse import parser
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    import conftest  # noqa: F401
 
     parser()
 

@@ -7,8 +7,6 @@ test double there, so these tests exercise emit.py and the templates on their ow
 
 from __future__ import annotations
 
-import importlib.util
-import itertools
 import os
 import shutil
 import subprocess
@@ -18,10 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import stable_seed
+from conftest import assert_close, flatten_state, stable_seed
 from helpers_ir import gate, learnable, make_ir, use_local_printer
 
 from mirasc.codegen.emit import CodegenError, emit_module, inverse_activation, write_module
+from mirasc.testing import import_source, make_inputs, make_state, stable_range
 
 B, H, K, V = 2, 2, 8, 8
 F64 = torch.float64
@@ -212,7 +211,6 @@ CONFIGS = {
     ),
 }
 
-_RANGES = {"sigmoid": (0.5, 0.99), "softplus": (0.05, 0.5)}
 _SMALL = {"gam": (0.005, 0.05)}  # thresholds: small enough to leave most of the state alive
 
 _modules: dict = {}
@@ -226,10 +224,7 @@ def compiled(name: str, **overrides):
         with pytest.MonkeyPatch.context() as mp:
             use_local_printer(mp)
             path = write_module(ir, _OUT, f"gen_{len(_modules)}")
-        spec = importlib.util.spec_from_file_location(f"_codegen_test_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
+        module = import_source(path.read_text(), f"_codegen_test_{path.stem}", path.parent)
         _modules[key] = (module, ir)
     return _modules[key]
 
@@ -248,56 +243,29 @@ def _out_dir(tmp_path_factory):
 # ---- inputs --------------------------------------------------------------------------------------
 
 
-def layer_shapes(ir):
-    if ir.memory.kind == "linear":
-        return [(K, V)]
-    dims = [K] + [ir.memory.expansion * K] * (ir.memory.depth - 1) + [V]
-    return list(itertools.pairwise(dims))
+def _range(p):
+    return _SMALL.get(p.name) or stable_range(p)
 
 
-def make_state(ir, gen, dtype=F64):
-    mats = [torch.randn(B, H, a, b, dtype=dtype, generator=gen) / a**0.5 for a, b in layer_shapes(ir)]
-    if ir.algorithm.kind == "momentum":
-        mats += [
-            0.1 * torch.randn(B, H, a, b, dtype=dtype, generator=gen) / a**0.5 for a, b in layer_shapes(ir)
-        ]
-    if ir.memory.kind == "linear" and ir.algorithm.kind == "gd":
-        return mats[0]
-    return tuple(mats)
+def inputs_at(ir, T, seed=0, dtype=F64):
+    """make_inputs at this file's shapes, with the thresholds in _SMALL."""
+    return make_inputs(ir, B, T, H, K, V, dtype=dtype, seed=seed, ranges=_range)
 
 
-def make_inputs(ir, T, seed=0, dtype=F64):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.nn.functional.normalize(torch.randn(B, T, H, K, dtype=dtype, generator=gen), dim=-1)
-    k = torch.nn.functional.normalize(torch.randn(B, T, H, K, dtype=dtype, generator=gen), dim=-1)
-    v = torch.randn(B, T, H, V, dtype=dtype, generator=gen)
-    params = {}
-    for p in ir.inputs():
-        lo, hi = _SMALL.get(p.name, _RANGES.get(p.activation, (0.5, 1.5)))
-        shape = (H,) if p.kind == "learnable" else (B, T, H) if p.shape == "head" else (B, T, H, V)
-        params[p.name] = lo + (hi - lo) * torch.rand(shape, dtype=dtype, generator=gen)
-    return q, k, v, params, gen
-
-
-def flat(state):
-    return [] if state is None else [state] if torch.is_tensor(state) else list(state)
-
-
-def close(a, b, what, rtol=1e-7, atol=1e-9):
-    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
-    assert torch.isfinite(a).all(), f"{what}: non-finite values"
-    torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+def state_at(ir, gen, dtype=F64):
+    """make_state at this file's shapes."""
+    return make_state(ir, B, H, K, V, dtype=dtype, gen=gen)
 
 
 def run_memory(module, backend, chunk, q, k, v, params, state0):
-    leaves = [t.detach().clone().requires_grad_(True) for t in [q, k, v, *params.values(), *flat(state0)]]
+    leaves = [t.detach().clone().requires_grad_(True) for t in [q, k, v, *params.values(), *flatten_state(state0)]]
     p = dict(zip(params, leaves[3 : 3 + len(params)]))
     s = leaves[3 + len(params) :]
     init = None if state0 is None else s[0] if torch.is_tensor(state0) else tuple(s)
     o, final = module.memory(
         *leaves[:3], **p, initial_state=init, output_final_state=True, chunk_size=chunk, backend=backend
     )
-    return o, flat(final), leaves
+    return o, flatten_state(final), leaves
 
 
 # ---- the torch backend computes what the reference backend computes -----------------------------
@@ -308,14 +276,14 @@ def run_memory(module, backend, chunk, q, k, v, params, state0):
 def test_torch_matches_reference(name, chunk):
     module, ir = compiled(name)
     T = {1: 7, 4: 13, 16: 21}[chunk]  # ragged: never a multiple of the chunk (except chunk 1)
-    q, k, v, params, gen = make_inputs(ir, T, seed=stable_seed(name, chunk))
-    state0 = make_state(ir, gen)
+    q, k, v, params, gen = inputs_at(ir, T, seed=stable_seed(name, chunk))
+    state0 = state_at(ir, gen)
     o_ref, s_ref, leaves_ref = run_memory(module, "reference", chunk, q, k, v, params, state0)
     o_tor, s_tor, leaves_tor = run_memory(module, "torch", chunk, q, k, v, params, state0)
-    close(o_tor, o_ref, "o")
-    assert len(s_tor) == len(s_ref) == len(flat(state0))
+    assert_close(o_tor, o_ref, "o")
+    assert len(s_tor) == len(s_ref) == len(flatten_state(state0))
     for i, (a, b) in enumerate(zip(s_tor, s_ref)):
-        close(a, b, f"final state[{i}]")
+        assert_close(a, b, f"final state[{i}]")
     cotangents = [torch.randn(x.shape, dtype=F64, generator=gen) for x in [o_ref, *s_ref]]
     for outs, leaves in (([o_ref, *s_ref], leaves_ref), ([o_tor, *s_tor], leaves_tor)):
         sum((x * w).sum() for x, w in zip(outs, cotangents)).backward()
@@ -323,13 +291,13 @@ def test_torch_matches_reference(name, chunk):
     for what, a, b in zip(names, leaves_tor, leaves_ref):
         assert a.grad is not None and b.grad is not None, f"no gradient for {what}"
         assert b.grad.abs().sum() > 0, f"the gradient of {what} is zero: the comparison could not fail"
-        close(a.grad, b.grad, f"d{what}")
+        assert_close(a.grad, b.grad, f"d{what}")
 
 
 def test_zero_initial_state_and_no_grad():
     """initial_state=None is zeros; under no_grad nothing is recorded, in both backends."""
     module, ir = compiled("gated_delta_retained")
-    q, k, v, params, _ = make_inputs(ir, 9)
+    q, k, v, params, _ = inputs_at(ir, 9)
     zeros = torch.zeros(B, H, K, V, dtype=F64)
     for backend in ("reference", "torch"):
         with torch.no_grad():
@@ -338,8 +306,8 @@ def test_zero_initial_state_and_no_grad():
             q, k, v, **params, initial_state=zeros, chunk_size=4, backend=backend, output_final_state=True
         )
         assert not o.requires_grad and not s.requires_grad
-        close(o, o2, f"{backend}: zero start")
-        close(s, s2, f"{backend}: zero start, state")
+        assert_close(o, o2, f"{backend}: zero start")
+        assert_close(s, s2, f"{backend}: zero start, state")
 
 
 # ---- the reference backend against recurrences written out here --------------------------------
@@ -353,7 +321,7 @@ def test_reference_is_the_gated_delta_rule():
     """Chunk 1, l2, lr beta, decay alpha, at=retained: S_t = alpha_t (I - beta_t k^T k) S + beta_t k^T v."""
     module, ir = compiled("gated_delta_retained")
     T = 9
-    q, k, v, params, gen = make_inputs(ir, T, seed=1)
+    q, k, v, params, gen = inputs_at(ir, T, seed=1)
     S = torch.randn(B, H, K, V, dtype=F64, generator=gen)
     o_ref, s_ref = module.memory(
         q, k, v, **params, initial_state=S, output_final_state=True, chunk_size=1, backend="reference"
@@ -364,16 +332,16 @@ def test_reference_is_the_gated_delta_rule():
         kt, a, b = k[:, t], params["alpha"][:, t, :, None, None], params["beta"][:, t, :, None, None]
         S = a * (eye - b * _outer(kt, kt)) @ S + b * _outer(kt, v[:, t])
         out.append(torch.einsum("bhk,bhkv->bhv", q[:, t], S))
-    close(o_ref, torch.stack(out, 1), "o")
-    close(s_ref, S, "final state")
+    assert_close(o_ref, torch.stack(out, 1), "o")
+    assert_close(s_ref, S, "final state")
 
 
 def test_reference_is_chunked_momentum_with_decay():
     """Titans on a matrix, chunk 4: gradients at the chunk's first state, momentum and decay per token."""
     module, ir = compiled("titans", memory="linear", residual=False)
     T, C = 11, 4
-    q, k, v, params, gen = make_inputs(ir, T, seed=2)
-    Z, m = make_state(ir, gen)
+    q, k, v, params, gen = inputs_at(ir, T, seed=2)
+    Z, m = state_at(ir, gen)
     o_ref, (z_ref, m_ref) = module.memory(
         q, k, v, **params, initial_state=(Z, m), output_final_state=True, chunk_size=C, backend="reference"
     )
@@ -388,16 +356,16 @@ def test_reference_is_chunked_momentum_with_decay():
             m = beta[:, t] * m + eta[:, t] * _outer(k[:, t], err)
             Z = alpha[:, t] * Z - m
             out.append(torch.einsum("bhk,bhkv->bhv", q[:, t], Z))
-    close(o_ref, torch.stack(out, 1), "o")
-    close(z_ref, Z, "final Z")
-    close(m_ref, m, "final m")
+    assert_close(o_ref, torch.stack(out, 1), "o")
+    assert_close(z_ref, Z, "final Z")
+    assert_close(m_ref, m, "final m")
 
 
 def test_reference_elastic_net_retain_carries_the_thresholded_state():
     """Eq. 22 at chunk 1: W_t = S_gamma(alpha_t W_(t-1) - eta_t k^T (k W_(t-1) - v)), o_t = q_t W_t."""
     module, ir = compiled("enet_retain_learnable")
     T = 8
-    q, k, v, params, gen = make_inputs(ir, T, seed=3)
+    q, k, v, params, gen = inputs_at(ir, T, seed=3)
     W = torch.randn(B, H, K, V, dtype=F64, generator=gen) / K**0.5
     o_ref, s_ref = module.memory(
         q, k, v, **params, initial_state=W, output_final_state=True, chunk_size=1, backend="reference"
@@ -410,18 +378,18 @@ def test_reference_elastic_net_retain_carries_the_thresholded_state():
         Z = params["alpha"][:, t, :, None, None] * W - params["eta"][:, t, :, None, None] * _outer(kt, err)
         W = torch.sign(Z) * torch.clamp(Z.abs() - gam, min=0)
         out.append(torch.einsum("bhk,bhkv->bhv", q[:, t], W))
-    close(o_ref, torch.stack(out, 1), "o")
-    close(s_ref, W, "final state")
+    assert_close(o_ref, torch.stack(out, 1), "o")
+    assert_close(s_ref, W, "final state")
 
 
 def test_independent_bias_is_chunk_invariant():
     """For the dot bias (g independent of y) every chunk size gives the per-token rule."""
     module, ir = compiled("retnet")
-    q, k, v, params, _ = make_inputs(ir, 19, seed=4)
+    q, k, v, params, _ = inputs_at(ir, 19, seed=4)
     o1, s1 = module.memory(q, k, v, **params, chunk_size=1, output_final_state=True)
     o8, s8 = module.memory(q, k, v, **params, chunk_size=8, output_final_state=True)
-    close(o8, o1, "o")
-    close(s8, s1, "state")
+    assert_close(o8, o1, "o")
+    assert_close(s8, s1, "state")
 
 
 # ---- decoding ------------------------------------------------------------------------------------
@@ -447,8 +415,8 @@ def test_decode_equals_parallel(name):
     module, ir = compiled(name)
     C = 4
     T, P = 3 * C + 3, 2 * C
-    q, k, v, params, gen = make_inputs(ir, T, seed=5)
-    state0 = make_state(ir, gen)
+    q, k, v, params, gen = inputs_at(ir, T, seed=5)
+    state0 = state_at(ir, gen)
     with torch.no_grad():
         o_full, _s_full = module.memory(
             q, k, v, **params, initial_state=state0, output_final_state=True, chunk_size=C
@@ -460,30 +428,30 @@ def test_decode_equals_parallel(name):
         state = module.decode_state(s_pre)
         for t in range(P, T):
             o_t, state = module.step(q[:, t], k[:, t], v[:, t], **_at(params, t), state=state, chunk_size=C)
-            close(o_t, o_full[:, t], f"decoded output at t={t}")
+            assert_close(o_t, o_full[:, t], f"decoded output at t={t}")
         assert state.pos == (T - P) % C
 
 
 def test_step_ignores_base_at_a_chunk_boundary():
     module, ir = compiled("titans")
-    q, k, v, params, gen = make_inputs(ir, 3, seed=9)
-    state0 = make_state(ir, gen)
+    q, k, v, params, gen = inputs_at(ir, 3, seed=9)
+    state0 = state_at(ir, gen)
     stale = module.DecodeState(state0, tuple(torch.zeros_like(z) for z in state0[:2]), 0)
     for t in range(3):
         o_a, a = module.step(q[:, t], k[:, t], v[:, t], **_at(params, t), state=module.decode_state(state0))
         o_b, b = module.step(q[:, t], k[:, t], v[:, t], **_at(params, t), state=stale)
-        close(o_b, o_a, "output")
+        assert_close(o_b, o_a, "output")
         assert a.pos == b.pos == 1
 
 
 def test_step_from_nothing_equals_memory_from_zeros():
     module, ir = compiled("lp_channel_decay_momentum")
-    q, k, v, params, _ = make_inputs(ir, 6, seed=6)
+    q, k, v, params, _ = inputs_at(ir, 6, seed=6)
     o_full, _ = module.memory(q, k, v, **params, chunk_size=2)
     state = None
     for t in range(6):
         o_t, state = module.step(q[:, t], k[:, t], v[:, t], **_at(params, t), state=state, chunk_size=2)
-        close(o_t, o_full[:, t], f"t={t}")
+        assert_close(o_t, o_full[:, t], f"t={t}")
 
 
 # ---- the block -----------------------------------------------------------------------------------
@@ -510,9 +478,9 @@ def test_block_any_split_equals_one_call(name, overrides):
                 y, state = layer(x[:, t : t + n], state)
                 ys.append(y)
                 t += n
-            close(torch.cat(ys, 1), y_full, f"split {split}")
+            assert_close(torch.cat(ys, 1), y_full, f"split {split}")
         layer.backend = "reference"
-        close(layer(x)[0], y_full, "reference backend")
+        assert_close(layer(x)[0], y_full, "reference backend")
 
 
 def test_block_under_autocast(monkeypatch):
@@ -584,8 +552,8 @@ def test_block_gates_start_at_init():
 def test_low_precision_inputs():
     """float32 / bfloat16 inputs: state math in float32, output in v's dtype, close to the float64 oracle."""
     module, ir = compiled("moneta")
-    q, k, v, params, gen = make_inputs(ir, 10, seed=8)
-    state0 = make_state(ir, gen)
+    q, k, v, params, gen = inputs_at(ir, 10, seed=8)
+    state0 = state_at(ir, gen)
     o64, _ = module.memory(q, k, v, **params, initial_state=state0, chunk_size=4, backend="reference")
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):
         cast = {n: p.to(dtype) for n, p in params.items()}
@@ -599,7 +567,7 @@ def test_low_precision_inputs():
             output_final_state=True,
         )
         assert o.dtype == dtype and all(x.dtype == torch.float32 for x in s)
-        close(o.double(), o64, f"{dtype}", rtol=tol, atol=tol)
+        assert_close(o.double(), o64, f"{dtype}", rtol=tol, atol=tol)
 
 
 # ---- input validation ----------------------------------------------------------------------------
@@ -608,8 +576,8 @@ def test_low_precision_inputs():
 def test_validation_messages():
     module, ir = compiled("titans", memory="linear", residual=False)
     mlp, mir = compiled("moneta")
-    q, k, v, params, gen = make_inputs(ir, 5)
-    state = make_state(ir, gen)
+    q, k, v, params, gen = inputs_at(ir, 5)
+    state = state_at(ir, gen)
 
     def err(exc, match, fn=module.memory, *args, **kw):
         with pytest.raises(exc, match=match):
@@ -660,7 +628,7 @@ def test_validation_messages():
         v,
         **{n: p for n, p in params.items() if n in ("alpha", "eta")},
     )
-    mq, mk, mv, mparams, _mgen = make_inputs(mir, 5)
+    mq, mk, mv, mparams, _mgen = inputs_at(mir, 5)
     err(
         ValueError,
         r"learnable|must have shape \[H\] = \[2\]",

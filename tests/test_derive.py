@@ -6,12 +6,14 @@ torch formulas of the paper's definitions (loss values); sympy-free AST checks o
 from __future__ import annotations
 
 import ast
+import functools
 import math
 import time
 import zlib
 
 import pytest
 import torch
+from conftest import assert_close
 
 from mirasc.codegen.printers import TRITON_HELPERS, torch_bias_source, triton_bias_source, triton_expr
 from mirasc.ir import AlgorithmIR, LayerIR, RetentionIR
@@ -197,6 +199,7 @@ DIMS = [1, 7, 16]
 
 
 def _compile(bias_src: str) -> dict:
+    """The namespace of printed bias functions (exec'd source, not a layer module)."""
     ns = {"torch": torch, "math": math}
     exec(compile(bias_src, "<bias>", "exec"), ns)  # noqa: S102 - the printed source under test
     return ns
@@ -212,10 +215,7 @@ def _param_shapes(ir):
     return [(n, "channel" if n in ir.channel_params else "scalar") for n in ir.params]
 
 
-def _close(a, b, what, rtol=1e-9, atol=1e-11):
-    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
-    assert torch.isfinite(a).all(), f"{what}: non-finite"
-    torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+_close = functools.partial(assert_close, rtol=1e-9, atol=1e-11)  # float64 derivations: tight
 
 
 # ---- gradient and VJP against autograd ------------------------------------------------------------
@@ -308,7 +308,7 @@ def test_gradients_are_the_papers_update_directions():
     _close(ns["bias_grad"](y, v), torch.where(n <= 1.5, e, 1.5 * e / n), "huber_norm")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", ["l2", "lp3", "huber_channel", "huber_mix", "cauchy", "quantile", "trunc_min",
                                   "two_reductions", "dot"])
 def test_low_precision_dtypes(case, dtype):
@@ -640,18 +640,12 @@ def test_triton_printer_in_a_kernel(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     pytest.importorskip("triton")
-    import importlib.util
-    import sys
+    from mirasc.testing import import_source
 
     failures = []
     for case in sorted(CASES):
         ir, ns = _build(case)
-        path = tmp_path / f"k_{case.replace('.', '_')}.py"
-        path.write_text(_kernel_source(ir))
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[path.stem] = mod
-        spec.loader.exec_module(mod)
+        mod = import_source(_kernel_source(ir), f"k_{case.replace('.', '_')}", tmp_path)
         for V in (1, 7, 16, 100):
             gen = torch.Generator().manual_seed(V)
             y, v, P = _draw((37,), V, gen, _param_shapes(ir), CASES[case][4])

@@ -78,7 +78,7 @@ def test_nesting_limit_is_depth_not_length():
     "-" * 100_000 + "y",
     "y^" * 100_000 + "2",
     " + ".join(["y"] * 100_000),
-])
+], ids=["nested_parens", "nested_abs", "unary_minus_chain", "power_chain", "long_sum"])
 def test_absurd_input_is_refused_fast(body):
     """100,000 levels took 7.5 s to refuse; now a linear scan refuses it before the parser runs."""
     start = time.perf_counter()
@@ -126,7 +126,7 @@ def one_error(stderr: str) -> str:
     bytes(range(256)) * 4,
     b"\x00\x01\x02layer",
     bytes((i * 7919 + 13) % 256 for i in range(5000)),
-])
+], ids=["bias_not_utf8", "all_bytes", "nul_prefix", "scrambled"])
 def test_bad_bytes_are_one_located_line(tmp_path, capsys, data):
     spec = tmp_path / "bad.miras"
     spec.write_bytes(data)

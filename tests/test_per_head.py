@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import import_source
+from conftest import compile_module
 
-from mirasc.compiler import compile_spec
 from mirasc.frontend import SpecError, load_spec
 from mirasc.symbolic.explain import explain
 
@@ -34,9 +33,7 @@ def spec(decl, bias="dot", retention="decay(g)", lr="1"):
 
 
 def _load(text: str, stem: str, folder: Path):
-    """Compile spec text and import the generated module from a file."""
-    compiled = compile_spec(text, f"<{stem}>")
-    return import_source(compiled.source, f"_mirasc_test_per_head_{stem}", folder), compiled
+    return compile_module(text, f"<{stem}>", folder, f"_mirasc_test_per_head_{stem}")
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +66,7 @@ ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("decl,other,message,at", ERRORS, ids=[e[2][:30] for e in ERRORS])
+@pytest.mark.parametrize("decl,other,message,at", ERRORS, ids=[e[0].removeprefix("param g = ") for e in ERRORS])
 def test_errors_are_located(decl, other, message, at):
     decl_all = (other["decl2"] + "\n    " if "decl2" in other else "") + decl
     text = spec(decl_all, retention=other.get("retention", "decay(g)"), lr=other.get("lr", "1"))

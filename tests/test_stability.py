@@ -58,7 +58,7 @@ def _memory_at_inits(module, ir, dtype, n_tokens, chunk=None):
     v = draw(1, n_tokens, 1, V)
     params = {p.name: torch.full((1,) if p.kind == "learnable" else (1, n_tokens, 1), float(p.init), dtype=dtype)
               for p in ir.inputs()}
-    mats = [draw(1, 1, a, b) / a ** 0.5 for a, b in layer_dims(ir, 1, 1, K, V)]
+    mats = [draw(1, 1, a, b) / a ** 0.5 for a, b in layer_dims(ir, K, V)]
     state = tuple(mats + [torch.zeros_like(m) for m in mats]) if ir.algorithm.kind == "momentum" else tuple(mats)
     outs, peak = [], 0.0
     with torch.no_grad():

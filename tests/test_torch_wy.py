@@ -8,15 +8,13 @@ per-channel decay, per-channel lr, at=previous / at=retained, momentum, a consta
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, assert_close, flatten_state, make_inputs, make_state, stable_seed
+from conftest import ROOT, assert_close, compile_module, flatten_state, make_inputs, make_state, stable_seed
 
-from mirasc.compiler import compile_spec
+from mirasc.testing import cu_seqlens
 
 F64 = torch.float64
 B, H, K, V = 2, 2, 8, 8
@@ -68,13 +66,7 @@ _modules: dict = {}
 def compiled(name: str, tmp_dir: Path):
     """The generated module of SPECS[name], compiled once into tmp_dir and imported."""
     if name not in _modules:
-        c = compile_spec(SPECS[name], f"{name}.miras")
-        target = tmp_dir / f"wy_{name}.py"
-        target.write_text(c.source)
-        spec = importlib.util.spec_from_file_location(f"_mirasc_wy_{name}", target)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
+        module, c = compile_module(SPECS[name], f"{name}.miras", tmp_dir, f"_mirasc_wy_{name}")
         _modules[name] = (module, c.ir)
     return _modules[name]
 
@@ -182,7 +174,7 @@ def test_packed_sequences(name, out_dir):
     lens = [5, 70, 1, 131]
     q, k, v, params, gen = make_inputs(ir, 1, sum(lens), H, K, V, seed=stable_seed("varlen", name))
     state0 = make_state(ir, len(lens), H, K, V, gen=gen)
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    cu = cu_seqlens(lens)
     o, s, leaves = run(module, "torch", q, k, v, params, state0, cu_seqlens=cu)
     g = backward([o, *s], leaves, torch.Generator().manual_seed(5))
     outs, finals = [], []

@@ -8,16 +8,14 @@ and every initial-state tensor (the weights, and the momentum buffers with momen
 """
 from __future__ import annotations
 
-import importlib.util
-import itertools
-import sys
+from dataclasses import dataclass
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-from conftest import ROOT, flatten_state, layer_dims, make_inputs, make_state
+from conftest import ROOT, compile_module, flatten_state, layer_dims, make_inputs, make_state, rel
 
 from mirasc.compiler import compile_spec
 
@@ -28,9 +26,34 @@ ALPHA = "gate alpha : head = sigmoid(rank=4, init=0.9)"
 BETA = "gate b : head = sigmoid(rank=4, init=0.9)"
 
 
-def _v(mem, bias, decls, retention, algorithm, K=16, V=16, T=40, depth=2, dtype=torch.float32, B=1):
-    return {"mem": mem, "bias": bias, "decls": decls, "retention": retention, "algorithm": algorithm,
-            "K": K, "V": V, "T": T, "depth": depth, "dtype": dtype, "B": B}
+@dataclass(frozen=True)
+class MlpVariant:
+    """An MLP-memory layer: the memory's options (after depth), its bias, declarations, retention and
+    algorithm (spec text), head dims, sequence length, depth, dtype of q, k, v and batch size."""
+
+    mem: str
+    bias: str
+    decls: tuple[str, ...]
+    retention: str
+    algorithm: str
+    K: int = 16
+    V: int = 16
+    T: int = 40
+    depth: int = 2
+    dtype: torch.dtype = torch.float32
+    B: int = 1
+
+    def __post_init__(self):
+        object.__setattr__(self, "decls", tuple(self.decls))
+
+    def spec(self, name: str) -> str:
+        return "\n".join([f"layer Mlp_{name} {{", "    heads 2", f"    key_dim {self.K}", f"    value_dim {self.V}",
+                          f"    memory mlp(depth={self.depth}, {self.mem}) init learned",
+                          *("    " + d for d in self.decls), f"    bias {self.bias}",
+                          f"    retention {self.retention}", f"    algorithm {self.algorithm}", "}"])
+
+
+_v = MlpVariant  # short, for the table below
 
 
 VARIANTS = {
@@ -85,24 +108,8 @@ VARIANTS = {
 }
 
 
-def _load(name: str, text: str, tmp_path):
-    compiled = compile_spec(text, f"{name}.miras")
-    path = tmp_path / f"{name}.py"
-    path.write_text(compiled.source)
-    spec = importlib.util.spec_from_file_location(f"_mlp_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module, compiled
-
-
 def _compile(name, variant, tmp_path):
-    text = "\n".join([f"layer Mlp_{name} {{", "    heads 2", f"    key_dim {variant['K']}",
-                      f"    value_dim {variant['V']}",
-                      f"    memory mlp(depth={variant['depth']}, {variant['mem']}) init learned",
-                      *("    " + d for d in variant["decls"]), f"    bias {variant['bias']}",
-                      f"    retention {variant['retention']}", f"    algorithm {variant['algorithm']}", "}"])
-    return _load(name, text, tmp_path)
+    return compile_module(variant.spec(name), f"{name}.miras", tmp_path, f"_mlp_{name}")
 
 
 def _run(module, backend, dtype, chunk, q, k, v, params, s0, w_o, w_s, cu_seqlens=None):
@@ -120,11 +127,6 @@ def _run(module, backend, dtype, chunk, q, k, v, params, s0, w_o, w_s, cu_seqlen
     return [o, *final], leaves
 
 
-def _rel(a, b):
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 def _compare(module, ir, dtype, chunk, B, H, K, V, T, seed, scale=None, tol=None, cu_seqlens=None):
     q, k, v, params, gen = make_inputs(ir, B, T, H, K, V, dtype=torch.float64, seed=seed)
     params = {n: x * (scale or {}).get(n, 1.0) for n, x in params.items()}
@@ -137,16 +139,16 @@ def _compare(module, ir, dtype, chunk, B, H, K, V, T, seed, scale=None, tol=None
     ref_outs, ref_leaves = _run(module, "reference", torch.float64, chunk, q, k, v, params, s0, w_o, w_s,
                                 cu_seqlens)
     tol = tol or (2e-4 if dtype == torch.float32 else 2e-2)
-    n = len(layer_dims(ir, B, H, K, V))
+    n = len(layer_dims(ir, K, V))
     states = [f"W{i + 1}" for i in range(n)] + [f"m{i + 1}" for i in range(len(s0) - n)]
     for what, a, b in zip(["o", *(f"final {s}" for s in states)], outs, ref_outs, strict=True):
         assert torch.isfinite(a).all(), what
-        assert _rel(a, b) < tol, f"{what}: relative error {_rel(a, b):.2e}"
+        assert rel(a, b) < tol, f"{what}: relative error {rel(a, b):.2e}"
     names = ["q", "k", "v", *params, *(f"initial {s}" for s in states)]
     for what, a, b in zip(names, leaves, ref_leaves, strict=True):
         assert a.grad is not None and torch.isfinite(a.grad).all(), f"d{what}"
         assert b.grad.abs().sum() > 0, f"d{what} is zero: the comparison could not fail"
-        assert _rel(a.grad, b.grad) < tol, f"d{what}: relative error {_rel(a.grad, b.grad):.2e}"
+        assert rel(a.grad, b.grad) < tol, f"d{what}: relative error {rel(a.grad, b.grad):.2e}"
 
 
 def _chunk(compiled) -> int:
@@ -158,9 +160,9 @@ def test_triton_mlp_matches_reference(name, tmp_path):
     variant = VARIANTS[name]
     module, compiled = _compile(name, variant, tmp_path)
     assert "_mlp_bwd_kernel" in compiled.source
-    K, V, T = variant["K"], variant["V"], variant["T"]
+    K, V, T = variant.K, variant.V, variant.T
     # the Cauchy scale c drawn in (0.5, 5): a tiny c makes the loss (and its gradients ~1/c^3) ill-conditioned
-    _compare(module, compiled.ir, variant["dtype"], _chunk(compiled), variant["B"], 2, K, V, T,
+    _compare(module, compiled.ir, variant.dtype, _chunk(compiled), variant.B, 2, K, V, T,
              seed=SEED + list(VARIANTS).index(name), scale={"c": 10.0})
 
 
@@ -181,9 +183,9 @@ def test_triton_mlp_sliced_heads_match_reference(name, tmp_path):
     parts of the last layer's products through _head_sum: the same checks as above."""
     variant = VARIANTS[name]
     module, compiled = _compile(name, variant, tmp_path)
-    K, V = variant["K"], variant["V"]
+    K, V = variant.K, variant.V
     _split_heads(module, K, V, _chunk(compiled))
-    _compare(module, compiled.ir, variant["dtype"], _chunk(compiled), variant["B"], 2, K, V, variant["T"],
+    _compare(module, compiled.ir, variant.dtype, _chunk(compiled), variant.B, 2, K, V, variant.T,
              seed=SEED + 100 + list(VARIANTS).index(name), scale={"c": 10.0})
 
 
@@ -196,7 +198,7 @@ def test_packed_sequences_in_one_launch(name, cu, tmp_path):
     sequence: the learnable parameters' gradients sum over the sequences, each has its own state."""
     variant = VARIANTS[name]
     module, compiled = _compile(name, variant, tmp_path)
-    _compare(module, compiled.ir, variant["dtype"], _chunk(compiled), 1, 2, variant["K"], variant["V"], cu[-1],
+    _compare(module, compiled.ir, variant.dtype, _chunk(compiled), 1, 2, variant.K, variant.V, cu[-1],
              seed=SEED + 200 + len(cu), scale={"c": 10.0}, cu_seqlens=torch.tensor(cu))
 
 
@@ -205,9 +207,9 @@ def test_sliced_heads_on_packed_sequences(tmp_path):
     """Split heads (16 hidden columns per program) over packed sequences of uneven lengths."""
     variant = VARIANTS["moneta_decay"]
     module, compiled = _compile("moneta_decay", variant, tmp_path)
-    _split_heads(module, variant["K"], variant["V"], _chunk(compiled))
+    _split_heads(module, variant.K, variant.V, _chunk(compiled))
     cu = [0, 3, 35, 40, 77]
-    _compare(module, compiled.ir, variant["dtype"], _chunk(compiled), 1, 2, variant["K"], variant["V"], cu[-1],
+    _compare(module, compiled.ir, variant.dtype, _chunk(compiled), 1, 2, variant.K, variant.V, cu[-1],
              seed=SEED + 300, cu_seqlens=torch.tensor(cu))
 
 
@@ -260,13 +262,13 @@ def test_prefill_then_decode(source, compiled_examples, tmp_path):
         pre = {n: p if p.dim() == 1 else p[:, :P] for n, p in params.items()}
         o_pre, s = module.memory(q[:, :P], k[:, :P], v[:, :P], **pre, initial_state=s0, output_final_state=True,
                                  chunk_size=16, backend="triton")
-        assert _rel(o_pre, o_full[:, :P]) < 1e-4
+        assert rel(o_pre, o_full[:, :P]) < 1e-4
         state = module.decode_state(s)
         for t in range(P, T):
             o_t, state = module.step(q[:, t], k[:, t], v[:, t],
                                      **{n: p if p.dim() == 1 else p[:, t] for n, p in params.items()},
                                      state=state, chunk_size=16)
-            assert _rel(o_t, o_full[:, t]) < 1e-4, t
+            assert rel(o_t, o_full[:, t]) < 1e-4, t
 
 
 def test_block_with_learned_initial_state(compiled_examples):
@@ -284,11 +286,11 @@ def test_block_with_learned_initial_state(compiled_examples):
     (ref(x)[0] * w).sum().backward()
     y_tri = tri(x.float())[0]
     (y_tri.double() * w).sum().backward()
-    assert _rel(y_tri, ref(x)[0]) < 2e-4
+    assert rel(y_tri, ref(x)[0]) < 2e-4
     grads = dict(ref.named_parameters())
     for name, p in tri.named_parameters():
         assert grads[name].grad.abs().sum() > 0, name
-        assert _rel(p.grad, grads[name].grad) < 2e-4, f"d{name}: relative error {_rel(p.grad, grads[name].grad):.2e}"
+        assert rel(p.grad, grads[name].grad) < 2e-4, f"d{name}: relative error {rel(p.grad, grads[name].grad):.2e}"
     assert any(n.startswith("initial_weights") for n in grads)
 
 
@@ -339,8 +341,7 @@ def test_uncovered_specs_fall_back_to_torch(retention, algorithm, why, tmp_path)
     assert "_mlp_bwd_kernel" not in compiled.source
     ir = compiled.ir
     q, k, v, params, gen = make_inputs(ir, 1, 20, 2, 16, 16, dtype=torch.float32, seed=3)
-    dims = [16, 32, 16]
-    s0 = tuple(torch.randn(1, 2, a, b, generator=gen) / a ** 0.5 for a, b in itertools.pairwise(dims))
+    s0 = make_state(ir, 1, 2, 16, 16, dtype=torch.float32, gen=gen)
     with pytest.raises(NotImplementedError, match=why):
         module.memory(q, k, v, **params, initial_state=s0, chunk_size=16, backend="triton")
     o_auto, _ = module.memory(q, k, v, **params, initial_state=s0, chunk_size=16)

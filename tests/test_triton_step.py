@@ -6,17 +6,12 @@ Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py): shapes stay small
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-from conftest import CountLaunches, make_inputs
-
-from mirasc.compiler import compile_spec
+from conftest import CountLaunches, LinearVariant, compile_module, indexed_params, make_inputs, rel
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -25,43 +20,40 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # gate / learnable, at=previous and at=retained, chunk 1 and 16, K != V, head dims that are no powers
 # of two (masked lanes), fp32 and bf16.
 VARIANTS = [
-    ("lp(p=3)", ["gate a : head = sigmoid(rank=4, init=0.9)", "gate eta : head = softplus(rank=4, init=0.1)"],
-     "decay(a)", "eta", 16, "previous", 16, 8, torch.float32),
-    ("l2", ["gate beta : head = sigmoid(rank=4, init=0.5)"], "none", "beta", 1, "previous", 16, 16,
-     torch.float32),  # DeltaNet
-    ("l2", ["gate beta : head = sigmoid(rank=4, init=0.5)", "gate a : head = sigmoid(rank=4, init=0.95)"],
-     "decay(a)", "beta", 1, "retained", 8, 16, torch.bfloat16),  # Gated DeltaNet
-    ("dot", [], "decay(0.9)", "1", 16, "previous", 16, 16, torch.bfloat16),  # RetNet
-    ("huber_norm(d)", ["gate d : head = softplus(rank=4, init=1.0)", "param a = learnable(0.9, sigmoid)",
-                       "gate eta : channel = softplus(rank=4, init=0.1)"],
-     "decay(a)", "eta", 16, "retained", 12, 20, torch.float32),
-    ("sum(log(1 + ((y - v) / c)^2))", ["param c = learnable(1.0, softplus)"], "none", "0.3", 1, "previous",
-     16, 8, torch.float32),  # a custom (Cauchy) bias with a learnable parameter
-    ("lp(p=3)", ["gate eta : channel = softplus(rank=4, init=0.1)"], "decay(0.95)", "eta", 16, "retained",
-     16, 16, torch.bfloat16),
-    ("huber(d)", ["gate d : channel = softplus(rank=4, init=0.5)", "gate a : head = sigmoid(rank=4, init=0.9)",
-                  "param lr = learnable(0.3, softplus)"], "decay(a)", "lr", 1, "retained", 8, 8, torch.float32),
-    ("dot", ["gate a : head = sigmoid(rank=4, init=0.9)"], "decay(a)", "0.5", 16, "retained", 16, 8,
-     torch.float32),  # y-independent bias: the base is still carried (and decayed) for at=retained
+    LinearVariant("lp3_decay_gate", "lp(p=3)", ["gate a : head = sigmoid(rank=4, init=0.9)",
+                  "gate eta : head = softplus(rank=4, init=0.1)"], "decay(a)", "eta", 16, V=8),
+    LinearVariant("deltanet", "l2", ["gate beta : head = sigmoid(rank=4, init=0.5)"], "none", "beta", 1),  # DeltaNet
+    # Gated DeltaNet
+    LinearVariant("gated_deltanet_retained", "l2", ["gate beta : head = sigmoid(rank=4, init=0.5)",
+                  "gate a : head = sigmoid(rank=4, init=0.95)"], "decay(a)", "beta", 1, at="retained", K=8,
+                  dtype=torch.bfloat16),
+    LinearVariant("retnet", "dot", [], "decay(0.9)", "1", 16, dtype=torch.bfloat16),  # RetNet
+    LinearVariant("huber_norm_channel_lr", "huber_norm(d)", ["gate d : head = softplus(rank=4, init=1.0)",
+                  "param a = learnable(0.9, sigmoid)", "gate eta : channel = softplus(rank=4, init=0.1)"],
+                  "decay(a)", "eta", 16, at="retained", K=12, V=20),
+    # a custom (Cauchy) bias with a learnable parameter
+    LinearVariant("cauchy_learnable", "sum(log(1 + ((y - v) / c)^2))", ["param c = learnable(1.0, softplus)"],
+                  "none", "0.3", 1, V=8),
+    LinearVariant("lp3_channel_lr", "lp(p=3)", ["gate eta : channel = softplus(rank=4, init=0.1)"],
+                  "decay(0.95)", "eta", 16, at="retained", dtype=torch.bfloat16),
+    LinearVariant("huber_learnable_lr", "huber(d)", ["gate d : channel = softplus(rank=4, init=0.5)",
+                  "gate a : head = sigmoid(rank=4, init=0.9)", "param lr = learnable(0.3, softplus)"],
+                  "decay(a)", "lr", 1, at="retained", K=8, V=8),
+    # y-independent bias: the base is still carried (and decayed) for at=retained
+    LinearVariant("dot_retained", "dot", ["gate a : head = sigmoid(rank=4, init=0.9)"], "decay(a)", "0.5", 16,
+                  at="retained", V=8),
     # per-channel decay gates ([B, H, V] per token)
-    ("lp(p=3)", ["gate a : channel = sigmoid(rank=4, init=0.9)", "gate eta : head = softplus(rank=4, init=0.1)"],
-     "decay(a)", "eta", 16, "previous", 16, 8, torch.float32),
-    ("l2", ["gate beta : head = sigmoid(rank=4, init=0.5)", "gate a : channel = sigmoid(rank=4, init=0.95)"],
-     "decay(a)", "beta", 1, "retained", 8, 16, torch.bfloat16),
+    LinearVariant("lp3_channel_decay", "lp(p=3)", ["gate a : channel = sigmoid(rank=4, init=0.9)",
+                  "gate eta : head = softplus(rank=4, init=0.1)"], "decay(a)", "eta", 16, V=8),
+    LinearVariant("channel_gated_deltanet", "l2", ["gate beta : head = sigmoid(rank=4, init=0.5)",
+                  "gate a : channel = sigmoid(rank=4, init=0.95)"], "decay(a)", "beta", 1, at="retained", K=8,
+                  dtype=torch.bfloat16),
 ]
 
 
-def _compile(i, bias, decls, retention, lr, chunk, at, K, V, tmp_path):
-    text = "\n".join([f"layer StepVariant{i} {{", "    heads 2", f"    key_dim {K}", f"    value_dim {V}",
-                      "    memory linear", *("    " + d for d in decls), f"    bias {bias}",
-                      f"    retention {retention}", f"    algorithm gd(lr={lr}, chunk={chunk}, at={at})", "}"])
-    compiled = compile_spec(text, f"step_variant{i}.miras")
-    path = tmp_path / f"step_variant{i}.py"
-    path.write_text(compiled.source)
-    spec = importlib.util.spec_from_file_location(f"_step_variant{i}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+def _compile(i, variant, tmp_path):
+    module, compiled = compile_module(variant.spec(f"StepVariant{i}"), f"step_variant{i}.miras", tmp_path,
+                                      f"_step_variant{i}")
     assert hasattr(module, "_step_kernel"), "the variant has no fused step kernel"
     return module, compiled.ir
 
@@ -78,11 +70,6 @@ def _f64(xs):
     return [x.double() for x in xs]
 
 
-def _rel(a, b):
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 def _decode(module, qkv, params, state, chunk, backend, start, stop):
     """step() over tokens start..stop-1 -> (outputs [B, T, H, V], the last DecodeState)."""
     q, k, v = qkv
@@ -96,10 +83,10 @@ def _decode(module, qkv, params, state, chunk, backend, start, stop):
     return torch.stack(outs, 1), state
 
 
-@pytest.mark.parametrize("i", range(len(VARIANTS)))
-def test_triton_step_matches_torch_step_and_reference(i, tmp_path, monkeypatch):
-    bias, decls, retention, lr, chunk, at, K, V, dtype = VARIANTS[i]
-    module, ir = _compile(i, bias, decls, retention, lr, chunk, at, K, V, tmp_path)
+@pytest.mark.parametrize(("i", "variant"), indexed_params(VARIANTS))
+def test_triton_step_matches_torch_step_and_reference(i, variant, tmp_path, monkeypatch):
+    chunk, K, V, dtype = variant.chunk, variant.K, variant.V, variant.dtype
+    module, ir = _compile(i, variant, tmp_path)
     counter = CountLaunches(module._step_kernel)
     monkeypatch.setattr(module, "_step_kernel", counter)
     B, H = 2, 2
@@ -116,23 +103,23 @@ def test_triton_step_matches_torch_step_and_reference(i, tmp_path, monkeypatch):
 
     # Triton and torch steps: the same rule in float32, only summation order differs.
     o_tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16 outputs: 8 bits (the interpreter truncates)
-    assert _rel(o_tr, o_to) < o_tol, f"o vs torch step: {_rel(o_tr, o_to):.2e}"
+    assert rel(o_tr, o_to) < o_tol, f"o vs torch step: {rel(o_tr, o_to):.2e}"
     assert st_tr.pos == st_to.pos == T % chunk
     assert st_tr.state.dtype == torch.float32 and st_tr.base.dtype == torch.float32
-    assert _rel(st_tr.state, st_to.state) < 1e-5, f"state vs torch step: {_rel(st_tr.state, st_to.state):.2e}"
-    assert _rel(st_tr.base, st_to.base) < 1e-5, f"base vs torch step: {_rel(st_tr.base, st_to.base):.2e}"
+    assert rel(st_tr.state, st_to.state) < 1e-5, f"state vs torch step: {rel(st_tr.state, st_to.state):.2e}"
+    assert rel(st_tr.base, st_to.base) < 1e-5, f"base vs torch step: {rel(st_tr.base, st_to.base):.2e}"
     # Against the oracle: the whole sequence as one memory() call, float64.
     o_tol = 1e-4 if dtype == torch.float32 else 1e-2
     assert torch.isfinite(o_tr).all() and torch.isfinite(st_tr.state).all()
-    assert _rel(o_tr, o_ref) < o_tol, f"o vs reference: {_rel(o_tr, o_ref):.2e}"
-    assert _rel(st_tr.state, s_ref) < 1e-4, f"final state vs reference: {_rel(st_tr.state, s_ref):.2e}"
-    assert _rel(s_ref, s0) > 1e-2, "the state barely moved: the comparison could not fail"
+    assert rel(o_tr, o_ref) < o_tol, f"o vs reference: {rel(o_tr, o_ref):.2e}"
+    assert rel(st_tr.state, s_ref) < 1e-4, f"final state vs reference: {rel(st_tr.state, s_ref):.2e}"
+    assert rel(s_ref, s0) > 1e-2, "the state barely moved: the comparison could not fail"
 
 
-@pytest.mark.parametrize("i", [0, 2, 4, 5, 6])
-def test_prefill_then_triton_steps_equals_one_call(i, tmp_path):
-    bias, decls, retention, lr, chunk, at, K, V, dtype = VARIANTS[i]
-    module, ir = _compile(i, bias, decls, retention, lr, chunk, at, K, V, tmp_path)
+@pytest.mark.parametrize(("i", "variant"), [p for p in indexed_params(VARIANTS) if p.values[0] in (0, 2, 4, 5, 6)])
+def test_prefill_then_triton_steps_equals_one_call(i, variant, tmp_path):
+    chunk, K, V, dtype = variant.chunk, variant.K, variant.V, variant.dtype
+    module, ir = _compile(i, variant, tmp_path)
     B, H = 2, 2
     P = 2 * chunk if chunk > 1 else 5  # the prefill: whole chunks
     T = P + chunk + 3 if chunk > 1 else P + 6
@@ -147,13 +134,13 @@ def test_prefill_then_triton_steps_equals_one_call(i, tmp_path):
                                  initial_state=s0.double(), output_final_state=True, chunk_size=chunk,
                                  backend="reference")
     tol = 1e-4 if dtype == torch.float32 else 1e-2
-    assert _rel(o_pre, o_ref[:, :P]) < tol, f"prefill: {_rel(o_pre, o_ref[:, :P]):.2e}"
-    assert _rel(o_dec, o_ref[:, P:]) < tol, f"decoded tokens: {_rel(o_dec, o_ref[:, P:]):.2e}"
-    assert _rel(state.state, s_ref) < 1e-4, f"final state: {_rel(state.state, s_ref):.2e}"
+    assert rel(o_pre, o_ref[:, :P]) < tol, f"prefill: {rel(o_pre, o_ref[:, :P]):.2e}"
+    assert rel(o_dec, o_ref[:, P:]) < tol, f"decoded tokens: {rel(o_dec, o_ref[:, P:]):.2e}"
+    assert rel(state.state, s_ref) < 1e-4, f"final state: {rel(state.state, s_ref):.2e}"
 
 
 def test_auto_picks_the_kernel_only_where_it_applies(tmp_path, monkeypatch):
-    module, ir = _compile(4, *VARIANTS[4][:8], tmp_path)
+    module, ir = _compile(4, VARIANTS[4], tmp_path)
     counter = CountLaunches(module._step_kernel)
     monkeypatch.setattr(module, "_step_kernel", counter)
     B, H, K, V = 2, 2, 12, 20
@@ -164,12 +151,12 @@ def test_auto_picks_the_kernel_only_where_it_applies(tmp_path, monkeypatch):
     assert counter.launches == 1
     o_torch, _ = module.step(q[:, 0], k[:, 0], v[:, 0], **tok, state=state, backend="torch")
     assert counter.launches == 1
-    assert _rel(o, o_torch) < 1e-5
+    assert rel(o, o_torch) < 1e-5
     # Inputs whose last dimension is strided are copied, not misread.
     qt = q[:, 0].transpose(1, 2).contiguous().transpose(1, 2)
     assert qt.stride(-1) != 1
     o_strided, _ = module.step(qt, k[:, 0], v[:, 0], **tok, state=state, backend="triton")
-    assert _rel(o_strided, o_torch) < 1e-5
+    assert rel(o_strided, o_torch) < 1e-5
     # A recorded gradient or float64 inputs: auto falls back to the (differentiable) torch step.
     qg = q[:, 0].clone().requires_grad_()
     launches = counter.launches
@@ -178,11 +165,11 @@ def test_auto_picks_the_kernel_only_where_it_applies(tmp_path, monkeypatch):
     o64, _ = module.step(q[:, 0].double(), k[:, 0].double(), v[:, 0].double(),
                          **{n: p.double() for n, p in tok.items()}, state=state)
     assert counter.launches == launches and o64.dtype == torch.float64
-    assert _rel(o64, o_torch) < 1e-5
+    assert rel(o64, o_torch) < 1e-5
 
 
 def test_triton_step_refusals(tmp_path, monkeypatch, compiled_examples):
-    module, ir = _compile(0, *VARIANTS[0][:8], tmp_path)
+    module, ir = _compile(0, VARIANTS[0], tmp_path)
     counter = CountLaunches(module._step_kernel)
     monkeypatch.setattr(module, "_step_kernel", counter)
     B, H, K, V = 1, 2, 16, 8
