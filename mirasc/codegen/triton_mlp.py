@@ -55,6 +55,8 @@ def mlp_unsupported_reason(ir: LayerIR) -> str | None:
     if alg.at == "retained" and not _is_one(ret.alpha) and _lq_map(ir):
         # the gradient point map(a_i Z_b) is then a per-token matrix, not a scaling of the base pass
         return "at=retained with a non-identity retention map has no triton kernel for MLP memories"
+    if _lq_map(ir) and ret.norm == "chunk":
+        return "lq(norm=chunk) has no triton kernel yet; it runs on the torch backend"
     return None
 
 
