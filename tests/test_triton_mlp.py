@@ -344,7 +344,7 @@ def test_covered_examples_carry_the_kernels(example, split_forward):
     ("lq(q=1.5)", "gd(lr=eta, chunk=16)", "lq retention with q < 2 has no triton kernel"),
     ("decay(0.9) + lq(q=4, norm=token)", "gd(lr=eta, chunk=16, at=retained)",
      "at=retained with a non-identity retention map has no triton kernel"),
-    ("decay(0.9) + lq(q=4)", "gd(lr=eta, chunk=16)", "lq(norm=chunk) has no triton kernel yet"),
+    ("decay(0.9) + lq(q=4)", "gd(lr=eta, chunk=16)", r"lq\(norm=chunk\) has no triton kernel yet"),
 ])
 def test_uncovered_specs_fall_back_to_torch(retention, algorithm, why, tmp_path):
     variant = _v("expansion=2, act=gelu, residual=true, norm=true", "l2", [ETA], retention, algorithm)
