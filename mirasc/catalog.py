@@ -50,8 +50,10 @@ RETENTIONS = _t(
     Entry("none", (), "no retention: W_t = W_{t-1} - u_t"),
     Entry("decay", (Arg("alpha"),), "l2 retention as multiplicative decay alpha (Eqs. 8-9, Titans)"),
     Entry("l2", (Arg("alpha"),), "alias of decay"),
-    Entry("lq", (Arg("q", None, number_only=True), Arg("eps", 1e-6, number_only=True)),
-          "Lq memory stability: W = A / ||A||_q^(q-2)  (Variant 4, Moneta Eq. 24)"),
+    Entry("lq", (Arg("q", None, number_only=True), Arg("eps", 1e-6, number_only=True),
+                 Arg("norm", "chunk", choices=("chunk", "token"))),
+          "Lq memory stability: W = A / ||A||_q^(q-2)  (Variant 4, Moneta Eq. 24); norm=chunk divides by "
+          "the norm of the last chunk end's state (paper §5.4), norm=token by every token's own"),
     Entry("kl", (Arg("axis", "key", choices=("key", "value", "all")), Arg("scale", 1.0, number_only=True)),
           "KL / entropy retention: W = scale * softmax(Z)  (Eqs. 19-21, Memora Eq. 27)"),
     Entry("elastic_net", (Arg("gamma"), Arg("form", "retain", choices=("retain", "ftrl"))),

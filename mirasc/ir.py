@@ -60,6 +60,8 @@ class RetentionIR:
     form "accumulate": Z is carried as is (FTRL / mirror-descent accumulator).
     form "prox": after each chunk the carried state is replaced by W (elastic_net form=retain, Eq. 22),
                  so the threshold acts once per chunk and, at chunk size 1, once per token.
+    norm (lq only) "chunk": token i reads Z_i / n(Z_e), Z_e the state at the last chunk end at or before i
+                 (the chunk's base, or Z_i itself for the token that ends a chunk); "token": Z_i / n(Z_i).
     """
     alpha: Operand  # 1.0 when there is no decay term
     map: Literal["id", "lq", "softmax", "sigmoid", "soft_threshold"] = "id"
@@ -69,6 +71,7 @@ class RetentionIR:
     axis: Literal["key", "value", "all"] = "key"
     scale: float = 1.0
     gamma: Operand = 0.0
+    norm: Literal["chunk", "token"] = "chunk"  # lq: whose norm a token's read-out divides by (see above)
 
 
 @dataclass(frozen=True)

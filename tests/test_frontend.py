@@ -87,7 +87,7 @@ def test_moneta_fields() -> None:
     kinds = [t.kind for t in spec.retention.terms]
     assert kinds == ["decay", "lq"]
     assert dict(spec.retention.terms[0].args) == {"alpha": Ref(name="alpha")}
-    assert dict(spec.retention.terms[1].args) == {"q": Ref(value=4.0), "eps": Ref(value=1e-6)}
+    assert dict(spec.retention.terms[1].args) == {"q": Ref(value=4.0), "eps": Ref(value=1e-6), "norm": "chunk"}
     alg = spec.algorithm
     assert (alg.kind, alg.lr, alg.beta, alg.chunk) == ("gd", Ref(name="eta"), None, 64)
     eta = spec.param("eta")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import EXAMPLE_NAMES, make_inputs, make_state, stable_seed
+from conftest import EXAMPLE_NAMES, ROOT, import_source, make_inputs, make_state, stable_seed
+
+from mirasc.compiler import compile_spec
 
 T, BAD = 40, 29  # token BAD is in the middle of a 16-token tile and of a chunk
 
@@ -72,8 +74,11 @@ def test_nan_and_inf_stay_causal_on_triton(compiled_examples, name):
         _check(o, final, learnable, *_run(module, ir, "triton", where, None, 16)[:2])
 
 
-def test_nan_stays_in_its_mlp_head_on_triton(compiled_examples):
-    module, ir = compiled_examples["moneta"]
+def test_nan_stays_in_its_mlp_head_on_triton(tmp_path):
+    """Moneta with lq(norm=token), the rule the MLP kernels implement."""
+    text = (ROOT / "examples" / "moneta.miras").read_text().replace("lq(q=4)", "lq(q=4, norm=token)")
+    compiled = compile_spec(text, "moneta.miras")
+    module, ir = import_source(compiled.source, "_nonfinite_moneta_token", tmp_path), compiled.ir
     o, final, _ = _run(module, ir, "triton", "v", float("nan"), 16)
     _check(o, final, False, *_run(module, ir, "triton", "v", None, 16)[:2])
 

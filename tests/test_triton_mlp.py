@@ -99,7 +99,7 @@ VARIANTS = {
     "chunk2_momentum": _v("expansion=2, act=tanh, residual=true, norm=false", "l2", [], "none",
                           "momentum(beta=0.8, lr=0.05, chunk=2)", T=9),
     # Moneta's lq map without decay, q = 3, depth 3, chunk 4
-    "lq3_depth3_chunk4": _v("expansion=1, act=gelu, residual=true, norm=true", "lp(p=3)", [ETA], "lq(q=3)",
+    "lq3_depth3_chunk4": _v("expansion=1, act=gelu, residual=true, norm=true", "lp(p=3)", [ETA], "lq(q=3, norm=token)",
                             "gd(lr=eta, chunk=4)", T=13, depth=3),
     # momentum and at=retained in bf16
     "momentum_retained_bf16": _v("expansion=2, act=gelu, residual=true, norm=true", "l2", [ETA, ALPHA, BETA],
@@ -110,6 +110,15 @@ VARIANTS = {
 
 def _compile(name, variant, tmp_path):
     return compile_module(variant.spec(name), f"{name}.miras", tmp_path, f"_mlp_{name}")
+
+
+def _example(compiled_examples, name, tmp_path):
+    """An example's (module, ir); Moneta with lq(norm=token), the rule the MLP kernels implement."""
+    if name != "moneta":
+        return compiled_examples[name]
+    text = (ROOT / "examples" / "moneta.miras").read_text().replace("lq(q=4)", "lq(q=4, norm=token)")
+    module, compiled = compile_module(text, "moneta_token.miras", tmp_path, "_mlp_moneta_token")
+    return module, compiled.ir
 
 
 def _run(module, backend, dtype, chunk, q, k, v, params, s0, w_o, w_s, cu_seqlens=None):
@@ -227,14 +236,14 @@ def test_yaad_example_on_the_kernels(compiled_examples, delta_scale):
 
 
 @pytest.mark.parametrize("example, chunk, T, dtype", [
-    ("moneta", 16, 40, torch.float32),  # decay + lq(q=4): the norm of every token's own state
+    ("moneta", 16, 40, torch.float32),  # decay + lq(q=4, norm=token): the norm of every token's own state
     ("titans", 16, 40, torch.float32),  # momentum with decay
     ("titans", 64, 70, torch.bfloat16),  # its own chunk size, a ragged second chunk, bf16 inputs
     ("ttt_linear", 16, 40, torch.float32),  # depth 1: x + LN(x W)
 ])
-def test_examples_on_the_kernels(compiled_examples, example, chunk, T, dtype):
-    """examples/moneta.miras and examples/titans.miras as shipped, at small head dims."""
-    module, ir = compiled_examples[example]
+def test_examples_on_the_kernels(compiled_examples, example, chunk, T, dtype, tmp_path):
+    """examples/moneta.miras (with lq(norm=token)) and examples/titans.miras, at small head dims."""
+    module, ir = _example(compiled_examples, example, tmp_path)
     _compare(module, ir, dtype, chunk, 1, 2, 16, 16, T, seed=11)
 
 
@@ -248,7 +257,7 @@ def test_packed_sequences_on_the_kernels(compiled_examples):
 def test_prefill_then_decode(source, compiled_examples, tmp_path):
     """A triton prefill's final state continues exactly under step() (the torch decode path)."""
     if source in compiled_examples:
-        module, ir = compiled_examples[source]
+        module, ir = _example(compiled_examples, source, tmp_path)
     else:
         module, compiled = _compile(f"decode_{source}", VARIANTS[source], tmp_path)
         ir = compiled.ir
@@ -312,6 +321,7 @@ def test_triton_mlp_runtime_refusals(tmp_path):
 
 @pytest.mark.parametrize("example, why", [
     ("memora", "the retention map 'softmax' has no triton kernel"),
+    ("moneta", "lq(norm=chunk) has no triton kernel yet; it runs on the torch backend"),
 ])
 def test_uncovered_examples_are_refused(example, why):
     compiled = compile_spec((ROOT / "examples" / f"{example}.miras").read_text(), f"{example}.miras")
@@ -322,8 +332,10 @@ def test_uncovered_examples_are_refused(example, why):
 @pytest.mark.parametrize("example, split_forward", [("moneta", False), ("yaad", True), ("titans", False)])
 def test_covered_examples_carry_the_kernels(example, split_forward):
     """Every covered example has the backward kernel; gd on a depth-2 memory without lq (Yaad) runs its
-    forward as the writes and the read-out, lq (Moneta) and momentum (Titans) as one fused kernel."""
-    compiled = compile_spec((ROOT / "examples" / f"{example}.miras").read_text(), f"{example}.miras")
+    forward as the writes and the read-out, lq (Moneta with lq(norm=token)) and momentum (Titans) as one
+    fused kernel."""
+    text = (ROOT / "examples" / f"{example}.miras").read_text().replace("lq(q=4)", "lq(q=4, norm=token)")
+    compiled = compile_spec(text, f"{example}.miras")
     assert "_mlp_bwd_kernel" in compiled.source
     assert ("def _mlp_write_kernel" in compiled.source) == split_forward
     assert ("def _mlp_read_kernel" in compiled.source) == split_forward
@@ -332,8 +344,9 @@ def test_covered_examples_carry_the_kernels(example, split_forward):
 
 @pytest.mark.parametrize("retention, algorithm, why", [
     ("lq(q=1.5)", "gd(lr=eta, chunk=16)", "lq retention with q < 2 has no triton kernel"),
-    ("decay(0.9) + lq(q=4)", "gd(lr=eta, chunk=16, at=retained)",
+    ("decay(0.9) + lq(q=4, norm=token)", "gd(lr=eta, chunk=16, at=retained)",
      "at=retained with a non-identity retention map has no triton kernel"),
+    ("decay(0.9) + lq(q=4)", "gd(lr=eta, chunk=16)", r"lq\(norm=chunk\) has no triton kernel yet"),
 ])
 def test_uncovered_specs_fall_back_to_torch(retention, algorithm, why, tmp_path):
     variant = _v("expansion=2, act=gelu, residual=true, norm=true", "l2", [ETA], retention, algorithm)

@@ -377,6 +377,8 @@ def _context(ir: LayerIR, version: str) -> dict:
         "lq_power": num((ret.q - 2.0) / ret.q),
         "lq_at_zero": num(0.0 if ret.q > 2.0 else math.inf),
         "lq_eps": num(ret.eps),
+        # lq(norm=chunk): tokens read Z_i / n(Z_b) (the chunk's base norm), the chunk's last token Z_i / n(Z_i)
+        "lq_chunk": map_ == "lq" and ret.norm == "chunk",
         "kl_axis": ret.axis,
         "kl_scale": float(ret.scale),
         "channel_coef": (alpha.channel and has_decay) or (momentum and beta.channel),

@@ -150,6 +150,8 @@ class _Checker:
         bias = self.bias(single.get("bias"))
         retention = self.retention(single.get("retention"), memory)
         algorithm = self.algorithm(single.get("algorithm"), memory)
+        if retention is not None and algorithm is not None:
+            self.lq_norm_at(retention, algorithm)
         for keyword_ in REQUIRED:
             if keyword_ not in single:
                 self.fail(layer.name.loc, f"layer '{layer.name.text}' has no '{keyword_}' statement "
@@ -705,6 +707,16 @@ class _Checker:
                 self.in_range(bound, "elastic_net gamma", value >= 0, "must be >= 0")
             if name in ("alpha", "gamma"):
                 self.per_channel(bound, memory, f"{kind} {name}")
+
+    def lq_norm_at(self, retention: RetentionSpec, algorithm: AlgorithmSpec) -> None:
+        """lq(norm=chunk) reads through the norm of the chunk's base state Z_b; at=retained with a decay,
+        step() carries the base already decayed (a_i Z_b), from which that norm cannot be recovered."""
+        if algorithm.at != "retained" or not any(t.kind == "decay" for t in retention.terms):
+            return
+        for term in retention.terms:
+            if term.kind == "lq" and dict(term.args).get("norm") == "chunk":
+                self.fail(term.loc, "lq(norm=chunk) cannot be combined with a decay and at=retained (decoding "
+                                    "cannot recover the chunk's base norm); write lq(..., norm=token)")
 
     def per_channel(self, bound: Bound, memory: MemorySpec | None, what: str) -> None:
         gate = self.channel_gate(bound)

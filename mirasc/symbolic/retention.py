@@ -81,6 +81,7 @@ def retention_ir(ret: RetentionSpec, params: tuple[Param, ...]) -> RetentionIR:
         if kind == "lq":
             fields["q"] = op("q")
             fields["eps"] = op("eps")
+            fields["norm"] = _word(args["norm"], ("chunk", "token"), "norm", term.loc)
         elif kind == "kl":
             fields["axis"] = _word(args["axis"], ("key", "value", "all"), "axis", term.loc)
             fields["scale"] = op("scale")

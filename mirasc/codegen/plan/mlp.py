@@ -156,6 +156,8 @@ def _refusal(ir: LayerIR) -> str | None:
     if alg.at == "retained" and not _is_one(ret.alpha) and lq_map(ir):
         # the gradient point map(a_i Z_b) is then a per-token matrix, not a scaling of the base pass
         return "at=retained with a non-identity retention map has no triton kernel for MLP memories"
+    if lq_map(ir) and ret.norm == "chunk":
+        return "lq(norm=chunk) has no triton kernel yet; it runs on the torch backend"
     return None
 
 
