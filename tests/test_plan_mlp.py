@@ -24,10 +24,16 @@ def _spec_ir(memory: str, retention: str, algorithm: str, decls=("gate eta : hea
     return compile_spec(text, "p.miras").ir
 
 
+def _moneta_token():
+    """Moneta with lq(norm=token), the rule the MLP kernels implement (the default norm=chunk is refused)."""
+    text = (ROOT / "examples" / "moneta.miras").read_text().replace("lq(q=4)", "lq(q=4, norm=token)")
+    return compile_spec(text, "moneta.miras").ir
+
+
 def test_moneta_plan():
     """Moneta: depth 2, gelu, LN, residual, decay + lq(q=4): one fused forward (the norm needs whole
     weight matrices, so no split heads), the lq constants as integers' products."""
-    plan = plan_mlp(_ir("moneta"))
+    plan = plan_mlp(_moneta_token())
     assert isinstance(plan, MlpPlan)
     assert (plan.depth, plan.act, plan.norm, plan.residual, plan.momentum) == (2, "gelu", True, True, False)
     assert plan.lq is not None and (plan.lq.q, plan.lq.qi, plan.lq.pw, plan.lq.at0) == (4.0, 4, 0.5, 0.0)
@@ -76,7 +82,7 @@ def test_variant_flags():
     channel = plan_mlp(_spec_ir("mlp(depth=1, expansion=1, act=tanh, residual=true, norm=true)", "none",
                                 "gd(lr=eta, chunk=8)", decls=("gate eta : channel = softplus(rank=4, init=0.1)",)))
     assert isinstance(channel, MlpPlan) and channel.eta_channel
-    fractional = plan_mlp(_spec_ir("mlp(depth=2, expansion=1, act=gelu, residual=true, norm=true)", "lq(q=2.5)",
+    fractional = plan_mlp(_spec_ir("mlp(depth=2, expansion=1, act=gelu, residual=true, norm=true)", "lq(q=2.5, norm=token)",
                                    "gd(lr=eta, chunk=16)"))
     assert isinstance(fractional, MlpPlan) and fractional.lq.qi == 0 and fractional.lq.q == 2.5
 
@@ -92,7 +98,7 @@ def test_examples_refused(example, why):
 
 @pytest.mark.parametrize("retention, algorithm, why", [
     ("lq(q=1.5)", "gd(lr=eta, chunk=16)", "lq retention with q < 2 has no triton kernel"),
-    ("decay(0.9) + lq(q=4)", "gd(lr=eta, chunk=16, at=retained)",
+    ("decay(0.9) + lq(q=4, norm=token)", "gd(lr=eta, chunk=16, at=retained)",
      "at=retained with a non-identity retention map has no triton kernel"),
 ])
 def test_variants_refused(retention, algorithm, why):
