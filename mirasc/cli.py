@@ -55,7 +55,20 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from .symbolic.explain import explain
 
     for path in args.specs:
-        print(explain(derive(load_spec(_read(path), path))))
+        ir = derive(load_spec(_read(path), path))
+        if not args.plan:
+            print(explain(ir))
+            continue
+        from . import __version__
+        from .codegen.emit import plans
+        from .codegen.plan import format_plan
+
+        p = plans(ir, __version__)
+        print(f"# {path}: the plans the code generator renders\n")
+        for name, plan in (("module (m)", p.module), ("matrix-memory kernels (linear)", p.linear),
+                           ("MLP-memory kernels (mlp_plan)", p.mlp), ("fused decode step (step)", p.step)):
+            if plan is not None:
+                print(format_plan(plan, name=name))
     return 0
 
 
@@ -114,8 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="parse and check specs, report errors")
     p.add_argument("specs", nargs="+", metavar="SPEC")
     p.set_defaults(run=cmd_check)
-    p = sub.add_parser("explain", help="print the derived update rule")
+    p = sub.add_parser("explain", help="print the derived update rule (--plan: the code generator's plans)")
     p.add_argument("specs", nargs="+", metavar="SPEC")
+    p.add_argument("--plan", action="store_true",
+                   help="print the plans (every variant and launch decision) instead of the rule")
     p.set_defaults(run=cmd_explain)
     p = sub.add_parser("bench", help="time the layer's memory on every backend beside softmax attention")
     p.add_argument("specs", nargs="+", metavar="SPEC")

@@ -18,8 +18,11 @@ from ...ir import LayerIR, Operand
 from ...spec import Param
 from ...symbolic.activations import activation
 from ..printers import num, torch_activation_source
-from ..triton import input_ident, layout_of
+from ..triton import bias_params_of, input_ident, layout_of, operand_source
 from . import Refusal
+from .linear import BiasParam, LinearPlan
+from .mlp import MlpPlan
+from .step import StepPlan
 
 # Names of memory()/step() arguments: a runtime parameter may not shadow them.
 ARGUMENT_NAMES = frozenset(
@@ -148,6 +151,7 @@ class RulePlan:
     lq_power: str
     lq_at_zero: str
     lq_eps: str
+    lq_chunk: bool  # lq(norm=chunk): tokens read Z_i / n(Z_b), a chunk's last token its own map(Z_i)
     kl_axis: str | None
     kl_scale: float
     channel_coef: bool
@@ -180,18 +184,27 @@ class BiasPlan:
     klass_note: str
     text_lines: tuple[str, ...]
     need_math: bool
+    params: tuple[BiasParam, ...]  # its non-constant parameters, in the order of the bias functions
 
 
 @dataclass(frozen=True)
 class KernelChoice:
-    """Which fused kernels the layer has: the one decision templates and the generated module read.
+    """Which fused kernels the layer has: the one compile-time decision (`choose_kernels`) that templates
+    and the generated module read. (At run time the generated `_triton_usable` adds what depends on the
+    call: CUDA tensors, head dims and dtypes against the family's launch table.)
 
     family is "linear", "mlp" or None; step says whether the fused decode step exists; reason is what
-    backend="triton" says for the chunk kernels (family None) or for step() (family set, no step)."""
+    backend="triton" says for the chunk kernels (family None) or for step() (family set, no step). eta,
+    alpha, beta and bias_args are the launcher's operand expressions (contiguous fp32 tensors, None for
+    an absent decay or momentum gate)."""
 
     family: str | None
     step: bool
     reason: str
+    eta: str | None = None
+    alpha: str | None = None
+    beta: str | None = None
+    bias_args: tuple[str, ...] = ()
 
     @property
     def linear(self) -> bool:
@@ -343,7 +356,7 @@ def _rule(ir: LayerIR) -> RulePlan:
         gamma_tensor=map_ == "soft_threshold" and gamma.name is not None,
         retention_text=" + ".join(terms) or "none",
         lq_q=num(ret.q), lq_power=num((ret.q - 2.0) / ret.q), lq_at_zero=num(0.0 if ret.q > 2.0 else math.inf),
-        lq_eps=num(ret.eps), kl_axis=ret.axis, kl_scale=float(ret.scale),
+        lq_eps=num(ret.eps), lq_chunk=map_ == "lq" and ret.norm == "chunk", kl_axis=ret.axis, kl_scale=float(ret.scale),
         channel_coef=(alpha.channel and has_decay) or (momentum and beta.channel),
         need_segment_products=has_decay or momentum,
         bias_param_names=tuple(ir.bias.params),
@@ -434,11 +447,28 @@ def _bias(ir: LayerIR) -> BiasPlan:
     note = {"independent": " (g does not depend on y: the chunked rule equals the per-token rule)",
             "affine": " (g = y - c(v), the delta-rule class)", "nonlinear": ""}[klass]
     return BiasPlan(src=src, klass=klass, klass_note=note, text_lines=wrap_text(ir.bias.text or ir.bias.name, "# "),
-                    need_math="math." in src)
+                    need_math="math." in src, params=tuple(BiasParam(**p) for p in bias_params_of(ir)))
 
 
-def plan_module(ir: LayerIR, version: str, kernels: KernelChoice | Refusal) -> ModulePlan:
-    """The module plan of a layer; `kernels` is the fused-kernel choice (see mirasc.codegen.plan.choose)."""
+def choose_kernels(ir: LayerIR, linear: LinearPlan | Refusal, mlp: MlpPlan | Refusal | None,
+                   step: StepPlan | Refusal) -> KernelChoice:
+    """The one decision of which fused kernels a layer gets, from its family plans (each a plan or the
+    one reason it has none): the memory's own family (matrix or MLP), and the fused decode step."""
+    family_plan = mlp if ir.memory.kind == "mlp" else linear
+    if isinstance(family_plan, Refusal):
+        return KernelChoice(None, False, family_plan.reason)
+    has_step = isinstance(step, StepPlan)
+    alg, ret = ir.algorithm, ir.retention
+    return KernelChoice(
+        family=ir.memory.kind if ir.memory.kind == "mlp" else "linear", step=has_step,
+        reason="" if has_step else step.reason,
+        eta=operand_source(ir, alg.lr, "eta"), alpha=operand_source(ir, ret.alpha, "alpha"),
+        beta=operand_source(ir, alg.beta, "beta") if alg.kind == "momentum" else None,
+        bias_args=tuple(f"gates[{p['public']!r}].float().contiguous()" for p in bias_params_of(ir)))
+
+
+def plan_module(ir: LayerIR, version: str, kernels: KernelChoice) -> ModulePlan:
+    """The module plan of a layer; `kernels` is the fused-kernel choice (`choose_kernels`)."""
     check_supported(ir)
     blk = ir.block
     rule = _rule(ir)

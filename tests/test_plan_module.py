@@ -1,0 +1,92 @@
+"""The module plan and the one kernel decision (mirasc.codegen.plan.module), asserted without rendering,
+and the templates' contract: they read only the plans."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import jinja2
+import pytest
+from jinja2 import meta
+
+from mirasc import __version__
+from mirasc.cli import main
+from mirasc.codegen.emit import plans
+from mirasc.codegen.plan import Refusal, format_plan
+from mirasc.codegen.plan.module import KernelChoice, ModulePlan
+from mirasc.compiler import compile_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _plans(stem: str, replace: tuple[str, str] | None = None):
+    text = (ROOT / "examples" / f"{stem}.miras").read_text()
+    if replace:
+        assert replace[0] in text
+        text = text.replace(*replace)
+    return plans(compile_spec(text, f"{stem}.miras").ir, __version__)
+
+
+@pytest.mark.parametrize(("stem", "replace", "family", "step", "reason"), [
+    pytest.param("gated_deltanet", None, "linear", True, "", id="gated_deltanet-linear-and-step"),
+    pytest.param("quantile", None, "linear", False, "the fused decode step does not cover momentum yet",
+                 id="quantile-momentum-no-step"),
+    pytest.param("titans", None, "mlp", False, "the fused decode step covers matrix memories only",
+                 id="titans-mlp"),
+    pytest.param("moneta", ("lq(q=4)", "lq(q=4, norm=token)"), "mlp", False,
+                 "the fused decode step covers matrix memories only", id="moneta-token-mlp"),
+    pytest.param("moneta", None, None, False, "lq(norm=chunk) has no triton kernel yet; it runs on the torch backend",
+                 id="moneta-chunk-refused"),
+    pytest.param("memora", None, None, False, "the retention map 'softmax' has no triton kernel for MLP memories",
+                 id="memora-refused"),
+])
+def test_one_kernel_decision(stem, replace, family, step, reason):
+    p = _plans(stem, replace)
+    k = p.module.kernels
+    assert isinstance(p.module, ModulePlan) and isinstance(k, KernelChoice)
+    assert (k.family, k.step, k.reason) == (family, step, reason)
+    # the choice agrees with the family plans it was made from
+    family_plan = p.mlp if p.module.memory.mlp else p.linear
+    assert isinstance(family_plan, Refusal) == (family is None)
+    assert isinstance(p.step, Refusal) == (not step)
+    if family is not None:
+        assert k.eta is not None and len(k.bias_args) == len(p.module.bias.params)
+
+
+def test_module_plan_fields_follow_the_spec():
+    m = _plans("gated_deltanet").module
+    assert (m.block.heads, m.block.key_dim, m.block.conv_tail) == (16, 64, 3)
+    assert m.rule.at_retained and m.rule.has_decay and m.torch.wy and not m.memory.mlp
+    assert [p.name for p in m.public_inputs] == ["beta", "alpha"] and m.rule.lr.name == "beta"
+    t = _plans("titans").module
+    assert t.memory.mlp and t.rule.momentum and t.state.tuple_doc.startswith("4 tensors")
+    assert "def _act_grad" in t.memory.act_src
+
+
+# names a template may read besides the plans: values an including template sets with {% set %}
+_SET_BY_INCLUDER = {"lr_rows", "wy_coefs", "R", "fwd_ptrs", "call_args", "call_head"}
+
+
+def test_templates_read_only_the_plans():
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+    folder = ROOT / "templates"
+    for path in sorted(folder.glob("*.j2")):
+        text = path.read_text()
+        free = meta.find_undeclared_variables(env.parse(text))
+        local_sets = set(re.findall(r"\{%-?\s*set\s+(\w+)", "".join(p.read_text() for p in folder.glob("*.j2"))))
+        assert free <= {"m", "linear", "mlp_plan", "step"} | (_SET_BY_INCLUDER & local_sets), (path.name, free)
+
+
+def test_explain_plan_prints_every_plan(capsys):
+    assert main(["explain", "--plan", str(ROOT / "examples" / "quantile.miras")]) == 0
+    out = capsys.readouterr().out
+    for line in ("module (m): ModulePlan", "kernels: KernelChoice", "family: 'linear'",
+                 "matrix-memory kernels (linear): LinearPlan", "fused decode step (step): Refusal",
+                 "reason: 'the fused decode step does not cover momentum yet'"):
+        assert line in out, line
+
+
+def test_format_plan_shortens_printed_code():
+    text = format_plan(_plans("gated_deltanet").module.bias, name="bias")
+    assert text.splitlines()[0] == "bias: BiasPlan"
+    assert re.search(r"src: <\d+ lines> ", text)
