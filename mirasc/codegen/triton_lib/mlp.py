@@ -435,7 +435,7 @@ def _weight_grad_layer(w, m, gw, gm, go, gmo, h_src, a_src, dp_src, dz_src, dd_p
     act'(z_(l-1)) from slots dd_prev, za_prev]; with the lq map (ib = 1 / n(Z_b) not None) through
     W_b = Z_b / n(Z_b), added to what the norms' backward left in go / gmo. Returns the sums (de, dMmL,
     dbcL) of <W_b, dL/dW_end>, -<m_b, dL/dW_end> and <m_b, dL/dm_end> (the gates' gradients); without
-    momentum dMmL and dbcL come back as passed (a scalar placeholder: a returned tuple cannot hold None)."""
+    momentum dMmL and dbcL come back as passed (a scalar placeholder: a tuple cannot return None)."""
     for i0 in range(i_lo, i_hi, BD):
         hh = _lin(h_src, row, tmask, i0 + rd, DIN, INPUT)
         aa = _lin(a_src, row, tmask, i0 + rd, DIN, INPUT)
