@@ -1,6 +1,6 @@
 """Compile every Triton kernel of the example layers for an H100 (sm_90), without a GPU.
 
-    python benchmarks/check_sm90.py [--only NAME] [--jobs N] [--timeout S]
+    python benchmarks/check_sm90.py [--only NAME] [--jobs N] [--timeout S] [--spec FILE ...]
 
 For each example with Triton kernels, the generated memory() (forward and backward) and step() run on
 CPU tensors at the real shapes with a stand-in for each kernel that records its launch instead of
@@ -8,7 +8,10 @@ running it. Each recorded launch is bound exactly as JITFunction.run binds it on
 specialization, constexprs and options), then compiled for sm_90 by triton.compile. Configurations:
 head dims K = V = 64 (and 128 for matrix memories; --dims picks others), the spec's chunk size (plus 64 and 1 for matrix
 memories), bf16 and fp32 inputs (LOWP as the launchers choose it); step() at a chunk's first token and
-inside a chunk. Identical compilations of a layer are listed once.
+inside a chunk. Identical compilations of a layer are listed once. An example with no Triton kernels
+because of its lq(norm=chunk) retention (Moneta) is compiled as its lq(..., norm=token) variant instead,
+the rule the MLP kernels implement, listed as <stem>-token. --spec FILE adds a spec outside examples/
+(e.g. an MLP variant), compiled the same way.
 
 Prints a markdown table: compile result (or the error's first line), seconds, shared memory (flagged
 over the H100's 232448 bytes per block), registers and spill bytes (ptxas -v). Exits 1 if a kernel
@@ -114,18 +117,29 @@ def record(module, ir, K: int, dtype: torch.dtype, chunk: int) -> list:
     return calls
 
 
+LQ_CHUNK = re.compile(r"\blq\(((?:(?!norm)[^)])*)\)")  # lq(...) without norm=: norm=chunk, no kernel
+
+
 def collect(only: str | None, dims: list[int], dtypes: list[str], chunk_list: list[int] | None,
-            mlp_configs: dict | None = None) -> None:
+            mlp_configs: dict | None = None, extra: list[str] | None = None) -> None:
     """Fill JOBS with one entry per distinct (layer, kernel compilation); mlp_configs replaces the MLP
-    modules' launch settings (_MLP_FWD_CONFIG / _MLP_BWD_CONFIG)."""
+    modules' launch settings (_MLP_FWD_CONFIG / _MLP_BWD_CONFIG); extra: more spec files."""
     out = Path(tempfile.mkdtemp(prefix="check_sm90_src_"))
-    for path in sorted((ROOT / "examples").glob("*.miras")):
-        module, ir = import_spec(path.read_text(), str(path), out, "_check_sm90_")
-        names = module._kernel_names = kernel_names(module)
-        if only and only not in (path.stem, *names):
+    for path in [*sorted((ROOT / "examples").glob("*.miras")), *map(Path, extra or [])]:
+        stem, text = path.stem, path.read_text()
+        if only and only not in (stem, f"{stem}-token") and not only.endswith(KERNEL_SUFFIX):
+            continue
+        module, ir = import_spec(text, str(path), out, "_check_sm90_")
+        names = kernel_names(module)
+        if not names and ir.memory.kind == "mlp" and LQ_CHUNK.search(text):  # refused: lq(norm=chunk)
+            stem, text = f"{stem}-token", LQ_CHUNK.sub(r"lq(\1, norm=token)", text)
+            module, ir = import_spec(text, str(path), out, "_check_sm90_token_")
+            names = kernel_names(module)
+        module._kernel_names = names
+        if only and only not in (path.stem, stem, *names):
             continue
         if not names:
-            print(f"# {path.stem}: no triton kernels, skipped", file=sys.stderr)
+            print(f"# {stem}: no triton kernels, skipped", file=sys.stderr)
             continue
         for n in names:  # keep the real kernels; the module's globals get the recorders
             setattr(module, f"_orig{n}", getattr(module, n))
@@ -144,7 +158,7 @@ def collect(only: str | None, dims: list[int], dtypes: list[str], chunk_list: li
                     continue
                 for chunk in chunks:
                     if not mlp and module._value_slices(K, K, chunk, dtype) is None:
-                        print(f"# {path.stem} K={K} {dname} chunk={chunk}: refused by _fits (auto runs torch)",
+                        print(f"# {stem} K={K} {dname} chunk={chunk}: refused by _fits (auto runs torch)",
                               file=sys.stderr)
                         continue
                     step_pos = 0
@@ -165,7 +179,7 @@ def collect(only: str | None, dims: list[int], dtypes: list[str], chunk_list: li
                             config += " BK={} BV={}".format(*(cexp[(kernel.arg_names.index(n),)] for n in ("BK", "BV")))
                         if "LOWP" in kernel.arg_names:
                             config += f" LOWP={cexp[(kernel.arg_names.index('LOWP'),)]}"
-                        JOBS.append({"layer": path.stem, "kernel": kname, "config": config,
+                        JOBS.append({"layer": stem, "kernel": kname, "config": config,
                                      "src": ASTSource(kernel, sig, cexp, attrs), "options": opts.__dict__,
                                      "ws": f"{opts.num_warps}/{opts.num_stages}"})
 
@@ -249,12 +263,13 @@ def main() -> int:
     parser.add_argument("--mlp-fwd", help="JSON: keys of the MLP forward's launch setting to replace, e.g. "
                                           "'{\"num_warps\": 4}'")
     parser.add_argument("--mlp-bwd", help="JSON: the same for the MLP backward")
+    parser.add_argument("--spec", action="append", default=[], help="a spec file to compile as well (repeatable)")
     args = parser.parse_args()
     t0 = time.time()
     mlp_configs = {attr: json.loads(text) for attr, text in
                    (("_MLP_FWD_CONFIG", args.mlp_fwd), ("_MLP_BWD_CONFIG", args.mlp_bwd)) if text}
     collect(args.only, [int(d) for d in args.dims.split(",")], args.dtypes.split(","),
-            [int(c) for c in args.chunks.split(",")] if args.chunks else None, mlp_configs)
+            [int(c) for c in args.chunks.split(",")] if args.chunks else None, mlp_configs, args.spec)
     print(f"# {len(JOBS)} compilations recorded in {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
     results = compile_all(max(1, args.jobs), args.timeout)
 

@@ -8,6 +8,7 @@ and every initial-state tensor (the weights, and the momentum buffers with momen
 """
 from __future__ import annotations
 
+import ast
 from dataclasses import dataclass
 
 import pytest
@@ -119,6 +120,46 @@ def _example(compiled_examples, name, tmp_path):
     text = (ROOT / "examples" / "moneta.miras").read_text().replace("lq(q=4)", "lq(q=4, norm=token)")
     module, compiled = compile_module(text, "moneta_token.miras", tmp_path, "_mlp_moneta_token")
     return module, compiled.ir
+
+
+def _returned_nones(source: str) -> tuple[list[str], set[str]]:
+    """The calls of a module's functions that pass None for an argument which the callee returns (alone
+    or in a tuple), and the names of the functions that return arguments. Triton 3.6 can neither build a
+    tuple holding None nor bind None to a name: such a kernel fails to compile on a GPU, while the
+    interpreter and later Triton accept it."""
+    tree = ast.parse(source)
+    returned = {}  # function -> {position: name} of the parameters that it returns
+    for fn in ast.walk(tree):
+        if isinstance(fn, ast.FunctionDef):
+            rets = [r.value for r in ast.walk(fn) if isinstance(r, ast.Return)]
+            names = {e.id for v in rets for e in (v.elts if isinstance(v, ast.Tuple) else [v])
+                     if isinstance(e, ast.Name)}
+            if params := {i: a.arg for i, a in enumerate(fn.args.args) if a.arg in names}:
+                returned[fn.name] = params
+    bad = []
+    for call in ast.walk(tree):
+        if isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id in returned:
+            kw = {k.arg: k.value for k in call.keywords}
+            for i, name in returned[call.func.id].items():
+                arg = call.args[i] if i < len(call.args) else kw.get(name)
+                if isinstance(arg, ast.Constant) and arg.value is None:
+                    bad.append(f"line {call.lineno}: {call.func.id}(..., {name}=None, ...)")
+    return bad, set(returned)
+
+
+@pytest.mark.parametrize("name", [*VARIANTS, "titans", "moneta", "yaad", "ttt_linear"])
+def test_no_none_returned(name):
+    """The MLP kernels pass a placeholder, never None, for a running sum that does not apply and that a
+    helper returns (docs/kernels-mlp.md): checked on the generated source, without a GPU."""
+    if name in VARIANTS:
+        text = VARIANTS[name].spec(name)
+    else:
+        text = (ROOT / "examples" / f"{name}.miras").read_text().replace("lq(q=4)", "lq(q=4, norm=token)")
+    compiled = compile_spec(text, f"{name}.miras")
+    assert "_mlp_bwd_kernel" in compiled.source
+    bad, checked = _returned_nones(compiled.source)
+    assert {"_readout_layer_vjp", "_weight_grad_layer", "_layer_vjp"} <= checked  # it sees the helpers
+    assert not bad, "\n".join(bad)
 
 
 def _run(module, backend, dtype, chunk, q, k, v, params, s0, w_o, w_s, cu_seqlens=None):

@@ -354,7 +354,8 @@ def _readout_layer_vjp(w, m, gw, gm, h_src, a_src, dt, za, dp_src, dd, da, dh_ds
     layer (INPUT) dq into slot dh_dst, else dL/dp_(l-1) = dL/dh_(l-1) act'(p_(l-1)) (p_(l-1) from slot
     pp_src; divided by the lq map's n(Z_i) of W_(l-1) where n_prev is not None, whose gradient goes to
     dn_prev). Returns the updated sums (dC, dE, dcL, dMm, dsL, dn_prev): dL/dC, dL/dE, dL/dc, dL/dMm,
-    dL/ds (the last three None where they do not apply)."""
+    dL/ds; dMm and dsL (without momentum) and dn_prev (where n_prev is None) come back as passed: a [BT]
+    placeholder, never None (Triton 3.6 cannot return None in a tuple; docs/kernels-mlp.md)."""
     pm = tl.zeros([BT, BT], dtype=tl.float32)  # dp d^T
     for o0 in range(o_lo, o_hi, BD):
         dlt = _delta(dt, za, E, o0 + rd, DOUT, LAST, RETAINED)
@@ -433,7 +434,8 @@ def _weight_grad_layer(w, m, gw, gm, go, gmo, h_src, a_src, dp_src, dz_src, dd_p
     update's e dL/dW_end, the read-out's (h E)^T dp and the base pass's a^T dz [+ u^T d_l, u = dL/dd_(l-1)
     act'(z_(l-1)) from slots dd_prev, za_prev]; with the lq map (ib = 1 / n(Z_b) not None) through
     W_b = Z_b / n(Z_b), added to what the norms' backward left in go / gmo. Returns the sums (de, dMmL,
-    dbcL) of <W_b, dL/dW_end>, -<m_b, dL/dW_end> and <m_b, dL/dm_end> (the gates' gradients)."""
+    dbcL) of <W_b, dL/dW_end>, -<m_b, dL/dW_end> and <m_b, dL/dm_end> (the gates' gradients); without
+    momentum dMmL and dbcL come back as passed (a scalar placeholder: a tuple cannot return None)."""
     for i0 in range(i_lo, i_hi, BD):
         hh = _lin(h_src, row, tmask, i0 + rd, DIN, INPUT)
         aa = _lin(a_src, row, tmask, i0 + rd, DIN, INPUT)
@@ -477,7 +479,8 @@ def _delta_vjp_layer(w_next, dd, dt, za, dd_next, dz, E, ib_next, dlogE, rd, x_l
     """The base pass's backward through d_l = (d_(l+1) W_(l+1)^T) act'(z_l) (l < L) at dL/dd_l (slot dd):
     with u = dL/dd_l act'(z_l), d_(l+1) gets u W_(l+1) (added to slot dd_next; times 1 / n(Z_b) where
     ib_next is not None) and z_l gets dL/dd_l (d_(l+1) W^T) act''(z_l) (slot dz, from slots dt, za). At
-    =retained (E_i scales d_l) also returns dlogE plus the sum over the row of that scaling's part."""
+    =retained (E_i scales d_l) also returns dlogE plus the sum over the row of that scaling's part, else
+    dlogE as passed (a placeholder, never None: Triton 3.6 cannot bind None to the caller's name)."""
     for o0 in range(o_lo, o_hi, BD):
         acc = tl.zeros([BT, BD], dtype=tl.float32)
         for x0 in range(x_lo, x_hi, BD):
@@ -507,7 +510,7 @@ def _layer_vjp(w, dz, za, za_prev, da_prev, dz_prev, first, E, ib, dlogE, rd, i_
     (times 1 / n(Z_b) where ib is not None) plus what slot da_prev holds goes to dL/dk (the first layer,
     INPUT: added to slot da_prev) or through act'(z_(l-1)) (za_prev) into slot dz_prev. At=retained
     (z_l carries E_i) returns dlogE plus the sum over the row of dz z_l (the last layer's full rows
-    counted by the first slice only, `first`)."""
+    counted by the first slice only, `first`), else dlogE as passed (a placeholder, never None)."""
     for i0 in range(i_lo, i_hi, BD):
         acc = tl.zeros([BT, BD], dtype=tl.float32)
         for o0 in range(o_lo, o_hi, BD):
@@ -596,7 +599,8 @@ def _lq_norms_vjp(w, m, a_src, dt, za, fa, fb, row, tmask, E, C, Mm, dd, da, go,
     """The backward of the token norms n(Z_i) of W_l at dL/dn = dn: dL/dZ_i = ds_i q sign(Z_i)
     |Z_i|^(q-1), ds = dn n'(s), through Z_i = E_i Z_b - Mm_i m_b - C R: added to slots dd (dL/dd_l) and da
     (dL/da_(l-1)), written to go / gmo (dL/dZ_b, dL/dm_b at the chunk's start, to which the weight sweep
-    adds), and returned in the sums (dE, dC, dMm)."""
+    adds), and returned in the sums (dE, dC, dMm); without momentum dMm comes back as passed (a [BT]
+    placeholder: a returned tuple cannot hold None)."""
     ds = dn * _lq_dnorm(s, n, PW, EPS)
     r16 = tl.arange(0, 16)
     sel_b = tl.where(fb[:, None] == r16[None, :], 1.0, 0.0)  # [QA QB, 16]: sums a tile per column
