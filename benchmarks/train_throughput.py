@@ -78,7 +78,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4, help="rows per step (the preset's seq_len each)")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=None)
-    ap.add_argument("--specs", nargs="+", default=["gated_deltanet", "lp3", "titans", "moneta"])
+    ap.add_argument("--specs", nargs="*", default=["gated_deltanet", "lp3", "titans", "moneta"],
+                    help="examples to train (none: only the peer)")
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--out", default=None, help="also write the markdown table here")
     args = ap.parse_args()
