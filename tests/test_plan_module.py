@@ -90,3 +90,23 @@ def test_format_plan_shortens_printed_code():
     text = format_plan(_plans("gated_deltanet").module.bias, name="bias")
     assert text.splitlines()[0] == "bias: BiasPlan"
     assert re.search(r"src: <\d+ lines> ", text)
+
+
+def _functions(tree) -> list[str]:
+    """Names of the functions defined at module level or under a module-level `if` (the Triton part)."""
+    import ast
+
+    names = []
+    for node in tree.body:
+        body = node.body + node.orelse if isinstance(node, ast.If) else [node]
+        names += [n.name for n in body if isinstance(n, ast.FunctionDef | ast.ClassDef)]
+    return [n for n in names if n != "_"]  # `_`: the anonymous functions torch.library decorators register
+
+
+@pytest.mark.parametrize("stem", sorted(p.stem for p in (ROOT / "examples").glob("*.miras")))
+def test_no_function_is_defined_twice_in_a_generated_module(stem):
+    import ast
+
+    source = compile_spec((ROOT / "examples" / f"{stem}.miras").read_text(), f"{stem}.miras").source
+    names = _functions(ast.parse(source))
+    assert len(names) == len(set(names)), sorted(n for n in set(names) if names.count(n) > 1)

@@ -27,15 +27,15 @@ def red_kernel(x_ptr, X_ptr, last_ptr, lrow_ptr, suf_ptr, suf2_ptr, BT: tl.const
     rt, rn = tl.arange(0, BT), tl.arange(0, N)
     x = tl.load(x_ptr + rt)
     X = tl.load(X_ptr + rt[:, None] * N + rn[None, :])
-    tl.store(last_ptr, _last(x, rt, BT))
-    tl.store(lrow_ptr + rn, _last_row(X, rt, BT))
+    tl.store(last_ptr, _at_last(x, rt == BT - 1))
+    tl.store(lrow_ptr + rn, _row_at_last(X, rt == BT - 1))
     tl.store(suf_ptr + rt, _suffix_sum(x))
     tl.store(suf2_ptr + rt[:, None] * N + rn[None, :], _suffix_sum(X))
 """
 
 
 def test_last_and_suffix_sums(tmp_path):
-    m = load_with_library(["_last", "_last_row", "_suffix_sum"], _REDUCTIONS, tmp_path)
+    m = load_with_library(["_at_last", "_row_at_last", "_suffix_sum"], _REDUCTIONS, tmp_path)
     g = _gen(1)
     x, X = torch.randn(BT, generator=g), torch.randn(BT, 8, generator=g)
     last, lrow, suf, suf2 = torch.empty(1), torch.empty(8), torch.empty(BT), torch.empty(BT, 8)

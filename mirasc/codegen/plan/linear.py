@@ -95,7 +95,7 @@ def column_separable(bias) -> bool:
 
 # The library functions each kernel pair calls (triton_lib.source adds their callees).
 _SHARED = ("_mm", "_program", "_tile_offsets", "_load_gate", "_suffix_sum", "_unit_tril_inverse",
-           "_last_row")
+           "_row_at_last", "_at_last")
 LIBRARY = {
     "scalar": (*_SHARED, "_log_decays"),
     "momentum": (*_SHARED, "_log_decays", "_momentum_weights"),

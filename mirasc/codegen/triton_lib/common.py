@@ -29,15 +29,15 @@ def _mm32(a, b, LOWP: tl.constexpr):
 
 
 @triton.jit
-def _last(x, rt, BT: tl.constexpr):
-    """The last entry of a [BT] vector (rt = arange(0, BT)), as a scalar."""
-    return tl.sum(tl.where(rt == BT - 1, x, 0.0), axis=0)
+def _at_last(x, islast):
+    """x_i of a [BT] vector at the one row i where islast [BT] is true, as a scalar."""
+    return tl.sum(tl.where(islast, x, 0.0), axis=0)
 
 
 @triton.jit
-def _last_row(x, rt, BT: tl.constexpr):
-    """The last row of a [BT, N] tile (rt = arange(0, BT)): [N]."""
-    return tl.sum(tl.where((rt == BT - 1)[:, None], x, 0.0), axis=0)
+def _row_at_last(x, islast):
+    """Row i of a [BT, N] tile at the one row i where islast [BT] is true: [N]."""
+    return tl.sum(tl.where(islast[:, None], x, 0.0), axis=0)
 
 
 @triton.jit

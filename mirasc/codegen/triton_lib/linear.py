@@ -8,7 +8,7 @@ level-by-level pair products of a per-channel decay.
 import triton
 import triton.language as tl
 
-from .common import _last, _last_row, _mm, _mm32
+from .common import _at_last, _mm, _mm32, _row_at_last
 
 
 @triton.jit
@@ -67,7 +67,7 @@ def _log_decays(alpha_ptr, row, tmask, rt, BT: tl.constexpr):
         alpha = tl.full([BT], 1.0, dtype=tl.float32)
         la = tl.zeros([BT], dtype=tl.float32)
     bcum = tl.cumsum(la, axis=0)
-    return alpha, la, bcum, _last(bcum, rt, BT)
+    return alpha, la, bcum, _at_last(bcum, rt == BT - 1)
 
 
 @triton.jit
@@ -80,7 +80,7 @@ def _log_decays_channel(alpha_ptr, v_off, m_v, rt, BT: tl.constexpr, BV: tl.cons
         alpha = tl.full([BT, BV], 1.0, dtype=tl.float32)
         la = tl.zeros([BT, BV], dtype=tl.float32)
     bcum = tl.cumsum(la, axis=0)
-    return alpha, la, bcum, _last_row(bcum, rt, BT)
+    return alpha, la, bcum, _row_at_last(bcum, rt == BT - 1)
 
 
 @triton.jit
@@ -92,7 +92,7 @@ def _momentum_weights(beta, bcum, tmask, rt, BT: tl.constexpr, LOWP: tl.constexp
     Returns (c, c_last, exp(c), Da, Db, W, mv).
     """
     ccum = tl.cumsum(tl.log(beta), axis=0)
-    clast = _last(ccum, rt, BT)
+    clast = _at_last(ccum, rt == BT - 1)
     ec = tl.exp(ccum)
     causal = rt[:, None] >= rt[None, :]
     Da = tl.where(causal & tmask[None, :], tl.exp(bcum[:, None] - bcum[None, :]), 0.0)

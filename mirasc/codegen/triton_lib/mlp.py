@@ -4,7 +4,7 @@ and momentum coefficients. The kernels' math is in docs/kernels-mlp.md."""
 import triton
 import triton.language as tl
 
-from .common import _mm
+from .common import _mm, _suffix_sum
 
 
 @triton.jit
@@ -207,25 +207,13 @@ def _momentum_coefs(beta_ptr, row, tmask, causal, D):
 
 
 @triton.jit
-def _at_last(x, islast):
-    """x_i [BT] at the chunk's last token i."""
-    return tl.sum(tl.where(islast, x, 0.0), axis=0)
-
-
-@triton.jit
-def _row_at_last(x, islast):
-    """Row i [BT] of x [BT, BT] at the chunk's last token i."""
-    return tl.sum(tl.where(islast[:, None], x, 0.0), axis=0)
-
-
-@triton.jit
 def _dlog_gate(dw, W, causal, dlw):
     """dL/d log g_s of a chunk's per-token gate g: W_ij = prod_{j < s <= i} g_s has cotangent dw [BT, BT]
     (log g_s enters W_ij for j < s <= i), dlw [BT] holds dL/d log P_i of the other products P_i = prod_{s
     <= i} g_s; every log g_s enters P_i for i >= s."""
     dws = tl.where(causal, dw * W, 0.0)
     dlw = dlw + tl.sum(dws, axis=1) - tl.sum(dws, axis=0)
-    return tl.sum(dlw, axis=0) - tl.cumsum(dlw, axis=0) + dlw
+    return _suffix_sum(dlw)
 
 
 # The phases of a chunk, one weight matrix W_l at a time (the kernels unroll the depth). A layer's
