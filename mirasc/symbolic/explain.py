@@ -180,6 +180,11 @@ def rule_text(ir: LayerIR) -> str:
     lines.append("  o_t = " + ("q_t W_t" if ir.memory.kind == "linear" else "M(W_t, q_t)"))
     if a.chunk > 1:
         lines.append(f"chunks of {a.chunk}: every token's gradient at the chunk's base state W_b")
+        r = ir.retention
+        if r.map == "lq" and not (r.q == 2.0 and r.eps <= 1.0) and r.norm == "chunk":
+            q = _op(r.q, "")
+            lines.append(f"  lq(norm=chunk): o_t reads Z_t / max(||Z_b||_{q}^({q} - 2), {r.eps!r}) (the chunk's "
+                         "base norm); the token that ends a chunk reads W_t")
     consts = [p for p in ir.params if p.kind == "per_head" and p.expr is not None]
     if consts:
         lines.append("per-head constants (head = 0 .. H-1, computed for the actual head count H):")
