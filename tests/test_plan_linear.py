@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from mirasc import __version__
+from mirasc.codegen.emit import plans
 from mirasc.codegen.plan import Refusal
 from mirasc.codegen.plan.linear import LIBRARY, LinearPlan, plan_linear
 from mirasc.compiler import compile_spec
@@ -16,6 +18,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def _example(stem: str):
     path = ROOT / "examples" / f"{stem}.miras"
     return compile_spec(path.read_text(), path.name).ir
+
+
+def _kernels(ir):
+    """The module plan's KernelChoice (the fused-kernel decision and the launcher's operand sources)."""
+    return plans(ir, __version__).module.kernels
 
 
 def _spec(bias: str, decls: list[str], retention: str, algorithm: str, memory: str = "linear"):
@@ -50,7 +57,8 @@ def test_non_affine_bias_substitutes_chunk_by_chunk():
 
 def test_momentum_and_per_channel_decay_get_their_own_kernels():
     mom = plan_linear(_example("quantile"))
-    assert mom.kernels == "momentum" and mom.momentum and mom.beta_source is not None
+    assert mom.kernels == "momentum" and mom.momentum
+    assert _kernels(_example("quantile")).beta is not None  # the launcher passes the momentum gate
     assert mom.launch.num_stages == 1 and mom.launch.num_warps == 4
     assert "def _momentum_weights(" in mom.library_src
     chan = plan_linear(_example("log_cosh"))
@@ -66,8 +74,9 @@ def test_per_channel_lr_and_bias_parameters():
     plan = plan_linear(ir)
     assert plan.eta_channel and not plan.alpha_channel and not plan.wy and plan.at_retained
     assert [(p.public, p.kind) for p in plan.bias_params] == [("d", "channel")]
-    assert plan.bias_args == ("gates['d'].float().contiguous()",)
-    assert plan.alpha_source.startswith("gates['a']")  # a learnable scalar per head, expanded per token
+    launch = _kernels(ir)  # the launcher's operands, decided with the kernel choice
+    assert launch.family == "linear" and launch.bias_args == ("gates['d'].float().contiguous()",)
+    assert launch.alpha.startswith("gates['a']")  # a learnable scalar per head, expanded per token
 
 
 def test_coupled_columns_are_not_separable():

@@ -8,6 +8,7 @@ family covers, and how, is its plan (mirasc.codegen.plan).
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from ..ir import LayerIR
 from .printers import _wrap_stmt, triton_bias_source
@@ -56,17 +57,20 @@ def input_ident(ir: LayerIR, name: str) -> str:
     raise KeyError(name)
 
 
-def bias_params_of(ir: LayerIR) -> list[dict]:
-    """The bias's non-constant parameters in kernel-argument order:
-    {name: the identifier (input_ident), public: the spec's name, kind: learnable|channel|head}; a
-    per-head constant has kind learnable (a scalar per head, [H])."""
+@dataclass(frozen=True)
+class BiasParam:
+    """A non-constant bias parameter: its identifier in generated code (input_ident), the spec's name, and
+    its layout: learnable ([H]; a per-head constant too), head ([B, T, H]) or channel ([B, T, H, V])."""
+
+    name: str
+    public: str
+    kind: str
+
+
+def bias_params_of(ir: LayerIR) -> tuple[BiasParam, ...]:
+    """The bias's non-constant parameters in kernel-argument order."""
     by_name = {p.name: p for p in ir.params}
-    kinds = []
-    for name in ir.bias.params:
-        p = by_name[name]
-        kind = layout_of(p)
-        kinds.append({"name": input_ident(ir, name), "public": name, "kind": kind})
-    return kinds
+    return tuple(BiasParam(input_ident(ir, name), name, layout_of(by_name[name])) for name in ir.bias.params)
 
 
 def eta_is_channel(ir: LayerIR) -> bool:
@@ -75,14 +79,14 @@ def eta_is_channel(ir: LayerIR) -> bool:
     return isinstance(lr, str) and shape_of(ir, lr) == "channel"
 
 
-def bias_functions(ir: LayerIR, bias_params: list[dict]) -> str:
+def bias_functions(ir: LayerIR, bias_params: tuple[BiasParam, ...]) -> str:
     """The @triton.jit `_bias_grad` / `_bias_vjp` pair (and the helpers they call) on [BT, BV] tiles."""
-    names = {p["public"]: f"p_{p['name']}" for p in bias_params}
+    names = {p.public: f"p_{p.name}" for p in bias_params}
     tb = triton_bias_source(ir.bias, y="y", v="v", w="w", V="V", params=names, mask="vmask",
                             reduce="_vsum({x}, {mask})")
-    args = "".join(f", p_{p['name']}" for p in bias_params)
-    douts = "".join(f", d_p_{p['name']}" for p in bias_params)
-    legend = ", ".join(f"p_{p['name']} = {p['public']}" for p in bias_params)
+    args = "".join(f", p_{p.name}" for p in bias_params)
+    douts = "".join(f", d_p_{p.name}" for p in bias_params)
+    legend = ", ".join(f"p_{p.name} = {p.public}" for p in bias_params)
     legend = f"# The bias's parameters in the kernels: {legend}\n" if legend else ""
     return (
         f"{tb.helpers.rstrip()}\n\n\n{_VSUM}\n\n{legend}"

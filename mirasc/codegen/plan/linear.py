@@ -13,18 +13,8 @@ import sympy as sp
 
 from ...ir import LayerIR
 from .. import triton_lib
-from ..triton import bias_functions, bias_params_of, eta_is_channel, operand_source, shape_of
+from ..triton import BiasParam, bias_functions, bias_params_of, eta_is_channel, shape_of
 from . import Refusal
-
-
-@dataclass(frozen=True)
-class BiasParam:
-    """A non-constant bias parameter: its kernel identifier (u<i>), its spec name, its layout
-    (learnable: [H]; head: [B, T, H]; channel: [B, T, H, V])."""
-
-    name: str
-    public: str
-    kind: str
 
 
 @dataclass(frozen=True)
@@ -53,10 +43,6 @@ class LinearPlan:
     bias_params: tuple[BiasParam, ...]
     bias_src: str  # the @triton.jit _bias_grad / _bias_vjp pair printed from the derived bias
     library_src: str  # the Triton library functions the kernels call (mirasc.codegen.triton_lib)
-    bias_args: tuple[str, ...]  # Python sources of the bias parameters' tensors, in bias_params order
-    eta_source: str  # Python source of the lr tensor
-    alpha_source: str | None  # ... of the decay (None: no decay)
-    beta_source: str | None  # ... of the momentum decay (None: no momentum)
     needs_y: bool  # the bias gradient reads the prediction y = k S
     eta_channel: bool  # the lr is a gate per value channel (ETA_CHANNEL)
     alpha_channel: bool  # the decay is a gate per value channel (the "channel" kernels)
@@ -133,13 +119,9 @@ def plan_linear(ir: LayerIR) -> LinearPlan | Refusal:
     wy = ir.bias.klass == "affine" and not eta_channel and not alpha_channel
     return LinearPlan(
         kernels=kernels,
-        bias_params=tuple(BiasParam(p["name"], p["public"], p["kind"]) for p in params),
+        bias_params=params,
         bias_src=bias_functions(ir, params),
         library_src=triton_lib.source(LIBRARY[kernels]),
-        bias_args=tuple(f"gates[{p['public']!r}].float().contiguous()" for p in params),
-        eta_source=operand_source(ir, ir.algorithm.lr, "eta"),
-        alpha_source=operand_source(ir, ir.retention.alpha, "alpha"),
-        beta_source=operand_source(ir, ir.algorithm.beta, "beta") if momentum else None,
         needs_y=needs_y,
         eta_channel=eta_channel,
         alpha_channel=alpha_channel,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from ...ir import LayerIR
 from .. import triton_lib
 from ..printers import triton_activation_source
-from ..triton import bias_functions, bias_params_of, eta_is_channel, operand_source
+from ..triton import BiasParam, bias_functions, bias_params_of, eta_is_channel
 from . import Refusal
 
 MIN_CHUNK = 1  # chunks under 16 tokens run in tiles of 16 rows, `chunk` of them valid per pass
@@ -33,15 +33,6 @@ class Layer:
     din: str
     dout: str
     off: str
-
-
-@dataclass(frozen=True)
-class BiasParam:
-    """A bias parameter in kernel-argument order: its identifier, the spec's name and its layout."""
-
-    name: str
-    public: str
-    kind: str  # learnable ([H]) | head ([B, T, H]) | channel ([B, T, H, V])
 
 
 @dataclass(frozen=True)
@@ -233,7 +224,7 @@ def plan_mlp(ir: LayerIR) -> MlpPlan | Refusal:
         retained=alg.at == "retained" and not _is_one(ret.alpha),
         lq=_lq_plan(ret.q, ret.eps) if lq else None,
         eta_channel=eta_is_channel(ir),
-        bias_params=tuple(BiasParam(p["name"], p["public"], p["kind"]) for p in bias_params),
+        bias_params=bias_params,
         bias_src=bias_functions(ir, bias_params),
         activation_src=triton_activation_source(mem.act),
         library_src=_library(bool(mem.norm), lq, momentum, sliceable),
@@ -241,18 +232,6 @@ def plan_mlp(ir: LayerIR) -> MlpPlan | Refusal:
         fwd_slots=fwd_slots, bwd_slots=bwd_slots, hidden_slots=hidden_slots,
         fwd_launch=fwd_launch, read_launch=read_launch, bwd_launch=bwd_launch,
     )
-
-
-def operand_sources(ir: LayerIR) -> dict:
-    """The launcher's operand expressions that api.py.j2 reads (the lr, decay, momentum gate, bias
-    parameters as contiguous fp32 tensors)."""
-    alg, ret = ir.algorithm, ir.retention
-    return {
-        "triton_eta": operand_source(ir, alg.lr, "eta"),
-        "triton_alpha": operand_source(ir, ret.alpha, "alpha"),
-        "triton_beta": operand_source(ir, alg.beta, "beta") if alg.kind == "momentum" else None,
-        "triton_bias_args": [f"gates[{p['public']!r}].float().contiguous()" for p in bias_params_of(ir)],
-    }
 
 
 __all__ = [
@@ -266,6 +245,5 @@ __all__ = [
     "LqPlan",
     "MlpPlan",
     "lq_map",
-    "operand_sources",
     "plan_mlp",
 ]

@@ -18,9 +18,9 @@ from ...ir import LayerIR, Operand
 from ...spec import Param
 from ...symbolic.activations import activation
 from ..printers import num, torch_activation_source
-from ..triton import bias_params_of, input_ident, layout_of, operand_source
+from ..triton import BiasParam, bias_params_of, input_ident, layout_of, operand_source
 from . import Refusal
-from .linear import BiasParam, LinearPlan
+from .linear import LinearPlan
 from .mlp import MlpPlan
 from .step import StepPlan
 
@@ -447,7 +447,7 @@ def _bias(ir: LayerIR) -> BiasPlan:
     note = {"independent": " (g does not depend on y: the chunked rule equals the per-token rule)",
             "affine": " (g = y - c(v), the delta-rule class)", "nonlinear": ""}[klass]
     return BiasPlan(src=src, klass=klass, klass_note=note, text_lines=wrap_text(ir.bias.text or ir.bias.name, "# "),
-                    need_math="math." in src, params=tuple(BiasParam(**p) for p in bias_params_of(ir)))
+                    need_math="math." in src, params=bias_params_of(ir))
 
 
 def choose_kernels(ir: LayerIR, linear: LinearPlan | Refusal, mlp: MlpPlan | Refusal | None,
@@ -464,7 +464,7 @@ def choose_kernels(ir: LayerIR, linear: LinearPlan | Refusal, mlp: MlpPlan | Ref
         reason="" if has_step else step.reason,
         eta=operand_source(ir, alg.lr, "eta"), alpha=operand_source(ir, ret.alpha, "alpha"),
         beta=operand_source(ir, alg.beta, "beta") if alg.kind == "momentum" else None,
-        bias_args=tuple(f"gates[{p['public']!r}].float().contiguous()" for p in bias_params_of(ir)))
+        bias_args=tuple(f"gates[{p.public!r}].float().contiguous()" for p in bias_params_of(ir)))
 
 
 def plan_module(ir: LayerIR, version: str, kernels: KernelChoice) -> ModulePlan:
