@@ -73,6 +73,12 @@ class RetentionIR:
     gamma: Operand = 0.0
     norm: Literal["chunk", "token"] = "chunk"  # lq: whose norm a token's read-out divides by (see above)
 
+    @property
+    def effective_map(self) -> str:
+        """The map the backends apply: lq with q = 2 and eps <= 1 is the identity (||Z||_2^0 = 1, so
+        W = Z / max(1, eps) = Z)."""
+        return "id" if self.map == "lq" and self.q == 2.0 and self.eps <= 1.0 else self.map
+
 
 @dataclass(frozen=True)
 class AlgorithmIR:

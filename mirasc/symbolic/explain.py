@@ -181,7 +181,7 @@ def rule_text(ir: LayerIR) -> str:
     if a.chunk > 1:
         lines.append(f"chunks of {a.chunk}: every token's gradient at the chunk's base state W_b")
         r = ir.retention
-        if r.map == "lq" and not (r.q == 2.0 and r.eps <= 1.0) and r.norm == "chunk":
+        if r.effective_map == "lq" and r.norm == "chunk":
             q = _op(r.q, "")
             lines.append(f"  lq(norm=chunk): o_t reads Z_t / max(||Z_b||_{q}^({q} - 2), {r.eps!r}) (the chunk's "
                          "base norm); the token that ends a chunk reads W_t")

@@ -114,8 +114,7 @@ class MlpPlan:
 
 def lq_map(ir: LayerIR) -> bool:
     """True when the retention map is a true Lq normalisation (lq with q = 2 is the identity)."""
-    ret = ir.retention
-    return ret.map == "lq" and not (ret.q == 2.0 and ret.eps <= 1.0)
+    return ir.retention.effective_map == "lq"
 
 
 def _is_one(op) -> bool:

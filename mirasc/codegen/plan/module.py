@@ -341,9 +341,7 @@ def _rule(ir: LayerIR) -> RulePlan:
     has_decay = not alpha.is_one
     momentum = alg.kind == "momentum"
     at_retained = alg.at == "retained" and has_decay
-    map_ = ret.map
-    if map_ == "lq" and ret.q == 2.0 and ret.eps <= 1.0:
-        map_ = "id"  # ||Z||_2^0 = 1: W = Z / max(1, eps) = Z
+    map_ = ret.effective_map  # lq with q = 2 is the identity
     prox = map_ == "soft_threshold" and ret.form == "prox"
     # at=retained: the gradient point a_i Z_b is a per-token scaling of Z_b when no non-linear map sits
     # between (id, or prox whose base is the carried W itself); otherwise it is materialised per token.
