@@ -279,3 +279,30 @@ def test_chunk_with_at_retained_is_refused():
     assert str(info.value).startswith(f"r.miras:{line}:")
     assert "norm=token" in str(info.value)
     load_spec(_spec(at=", at=retained", norm="token"), "r.miras")  # the per-token rule decodes at=retained
+
+
+@pytest.mark.parametrize("memory", ["linear", "mlp(depth=2, expansion=2, act=gelu, residual=true, norm=true)"])
+def test_lq_with_q_2_is_the_identity_map(memory, tmp_path):
+    """||Z||_2^(2-2) = 1: lq(q=2) reads Z itself, so the layer equals the same layer without the lq term
+    (its reference backend, float64), outputs and final states, and has no map in its plan."""
+    from mirasc import __version__
+    from mirasc.codegen.emit import plans
+    from mirasc.testing import compile_module
+
+    def spec(retention):
+        return "\n".join(["layer Q2 {", "    heads 2", "    key_dim 8", "    value_dim 8", f"    memory {memory}",
+                          "    gate eta : head = softplus(rank=4, init=0.1)",
+                          "    gate alpha : head = sigmoid(rank=4, init=0.9)", "    bias lp(p=3)",
+                          f"    retention {retention}", "    algorithm gd(lr=eta, chunk=4)", "}"])
+
+    with_lq, lq_compiled = compile_module(spec("decay(alpha) + lq(q=2)"), "q2.miras", tmp_path, "_q2_lq")
+    without, _ = compile_module(spec("decay(alpha)"), "q2none.miras", tmp_path, "_q2_none")
+    assert plans(lq_compiled.ir, __version__).module.rule.map == "id"
+    q, k, v, params, gen = make_inputs(lq_compiled.ir, 2, 11, 2, 8, 8, seed=5)
+    s0 = make_state(lq_compiled.ir, 2, 2, 8, 8, gen=gen)
+    o_lq, s_lq = with_lq.memory(q, k, v, **params, initial_state=s0, output_final_state=True, backend="torch")
+    o_ref, s_ref = without.memory(q, k, v, **params, initial_state=s0, output_final_state=True,
+                                  backend="reference")
+    torch.testing.assert_close(o_lq, o_ref, rtol=1e-10, atol=1e-10)
+    for a, b in zip(flatten_state(s_lq), flatten_state(s_ref)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
