@@ -123,12 +123,6 @@ def _is_one(op) -> bool:
 
 def _refusal(ir: LayerIR) -> str | None:
     mem, ret, alg = ir.memory, ir.retention, ir.algorithm
-    params = {p.name: p for p in ir.params}
-
-    def per_channel(op) -> bool:
-        p = params.get(op) if isinstance(op, str) else None
-        return p is not None and p.kind == "gate" and p.shape == "channel"
-
     if mem.kind != "mlp":
         return "not an MLP memory"
     if ir.bias.vjp is None:
@@ -141,8 +135,6 @@ def _refusal(ir: LayerIR) -> str | None:
         return f"the retention map '{ret.map}' has no triton kernel for MLP memories"
     if lq_map(ir) and ret.q < 2.0:
         return "lq retention with q < 2 has no triton kernel for MLP memories"
-    if per_channel(ret.alpha) or per_channel(alg.beta):
-        return "per-channel decay has no triton kernel for MLP memories"
     if alg.at == "retained" and not _is_one(ret.alpha) and lq_map(ir):
         # the gradient point map(a_i Z_b) is then a per-token matrix, not a scaling of the base pass
         return "at=retained with a non-identity retention map has no triton kernel for MLP memories"
