@@ -86,6 +86,23 @@ def test_gated_deltanet(compiled_examples):
     assert_close(s_ref, S, "final state")
 
 
+def test_momentum_deltanet(compiled_examples):
+    ir, q, k, v, params, gen = _setup(compiled_examples, "momentum_deltanet")
+    S, M = make_state(ir, B, H, K, V, gen=gen)
+    o_ref, (s_ref, m_ref) = _reference(compiled_examples, "momentum_deltanet", q, k, v, params, (S, M))
+    eta, alpha, mu = params["eta"], params["alpha"], params["mu"]
+    o = []
+    for t in range(T):  # M_t = mu_t M + eta_t k^T (k (alpha_t S) - v), S_t = alpha_t S - M_t
+        kt, at = k[:, t], alpha[:, t, :, None, None]
+        err = torch.einsum("bhk,bhkv->bhv", kt, at * S) - v[:, t]
+        M = mu[:, t, :, None, None] * M + eta[:, t, :, None, None] * _outer(kt, err)
+        S = at * S - M
+        o.append(torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+    assert_close(o_ref, torch.stack(o, 1), "o")
+    assert_close(s_ref, S, "final state")
+    assert_close(m_ref, M, "final momentum")
+
+
 # ---- MLP memories: M(x) = x + [LN](W2 act(W1 x)), written here from scratch -----------------------
 
 def _mlp(Ws, x, act, norm, residual=True):
