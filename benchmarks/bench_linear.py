@@ -1,6 +1,6 @@
 """Matrix-memory layers on the GPU: agreement with the reference at full shape, then speed beside peers.
 
-    python benchmarks/bench_linear.py [--out DIR] [--quick] [--smoke]
+    python benchmarks/bench_linear.py [--out DIR] [--quick] [--smoke] [--only REGEX]
 
 Part 1 (agreement, B=8, T=2048, H=16, K=V=64, bf16): the triton backend's outputs and final state
 against the reference backend run in float32 on the same (bf16-rounded) inputs, and its gradients of
@@ -11,8 +11,10 @@ move by more than 1e-2 there cannot be checked at 1e-2 with bf16 inputs, and its
 Part 2 (speed): median ms of triton.testing.do_bench for the generated layers and, in the same run, the
 peers (fla, when its wheels are on PYTHONPATH; F.scaled_dot_product_attention).
 Part 3: time against T (2K .. 64K) for the lp(p=3) layer.
-Layers: the specs of LAYERS and the examples of EXAMPLES (per-channel decay: log_cosh.miras; momentum:
-quantile.miras, whose state is the tuple (S, m)).
+Layers: the specs of LAYERS (the momentum and per-channel kernels beside the scalar-decay gd kernel of
+the same bias and chunk; the retention maps) and the examples of EXAMPLES (per-channel decay:
+log_cosh.miras; momentum: quantile.miras and momentum_deltanet.miras, whose state is the tuple (S, m)).
+--only REGEX keeps the layers and peers whose names match (and skips the T sweep unless lp(p=3) is kept).
 Prints a markdown table and writes it to benchmarks/results/ (or --out).
 --smoke runs every part at a tiny shape in Triton's CPU interpreter, without the peers that need CUDA
 (checks the script, not speed; writes a file only with --out).
@@ -46,27 +48,38 @@ from mirasc.testing import flatten_state, long_sequence_range, make_inputs, make
 B, T, H, D = (1, 40, 2, 16) if SMOKE else (8, 2048, 16, 64)
 DEV = "cpu" if SMOKE else "cuda"
 
-LAYERS = {  # name: (bias, retention, lr, declarations, chunk, gradient point)
-    "dot + decay (chunk 64)": ("dot", "decay(a)", "1", ["gate a : head = sigmoid(rank=4, init=0.97)"], 64,
-                               "previous"),
-    "l2 + decay, mini-batch (chunk 64)": ("l2", "decay(a)", "eta", [
-        "gate a : head = sigmoid(rank=4, init=0.97)", "gate eta : head = softplus(rank=4, init=0.1)"], 64,
-        "previous"),
-    "l2 exact (delta rule, chunk 1)": ("l2", "none", "beta", [
-        "gate beta : head = sigmoid(rank=4, init=0.5)"], 1, "previous"),
-    "l2 exact + decay (gated delta rule, chunk 1)": ("l2", "decay(a)", "beta", [
-        "gate a : head = sigmoid(rank=4, init=0.97)", "gate beta : head = sigmoid(rank=4, init=0.5)"], 1,
-        "retained"),
-    "lp(p=3) + decay (chunk 64)": ("lp(p=3)", "decay(a)", "eta", [
-        "gate a : head = sigmoid(rank=4, init=0.97)", "gate eta : head = softplus(rank=4, init=0.1)"], 64,
-        "previous"),
-    "Cauchy (custom) + decay (chunk 64)": ("sum(log(1 + ((y - v) / c)^2))", "decay(a)", "eta", [
-        "param c = learnable(1.0, softplus)", "gate a : head = sigmoid(rank=4, init=0.97)",
-        "gate eta : head = softplus(rank=4, init=0.1)"], 64, "previous"),
+A_GATE = "gate a : head = sigmoid(rank=4, init=0.97)"
+ETA_GATE = "gate eta : head = softplus(rank=4, init=0.1)"
+LAYERS = {  # name: (bias, retention, algorithm, declarations)
+    "dot + decay (chunk 64)": ("dot", "decay(a)", "gd(lr=1, chunk=64)", [A_GATE]),
+    "l2 + decay, mini-batch (chunk 64)": ("l2", "decay(a)", "gd(lr=eta, chunk=64)", [A_GATE, ETA_GATE]),
+    "l2 exact (delta rule, chunk 1)": ("l2", "none", "gd(lr=beta, chunk=1)", [
+        "gate beta : head = sigmoid(rank=4, init=0.5)"]),
+    "l2 exact + decay (gated delta rule, chunk 1)": ("l2", "decay(a)", "gd(lr=beta, chunk=1, at=retained)", [
+        A_GATE, "gate beta : head = sigmoid(rank=4, init=0.5)"]),
+    "lp(p=3) + decay (chunk 64)": ("lp(p=3)", "decay(a)", "gd(lr=eta, chunk=64)", [A_GATE, ETA_GATE]),
+    "Cauchy (custom) + decay (chunk 64)": ("sum(log(1 + ((y - v) / c)^2))", "decay(a)", "gd(lr=eta, chunk=64)", [
+        "param c = learnable(1.0, softplus)", A_GATE, ETA_GATE]),
+    # the momentum and per-channel kernels beside the scalar-decay gd kernel of the same bias and chunk
+    "lp(p=3) + decay, momentum (chunk 64)": ("lp(p=3)", "decay(a)", "momentum(beta=0.9, lr=eta, chunk=64)", [
+        A_GATE, ETA_GATE]),
+    "lp(p=3) + per-channel decay (chunk 64)": ("lp(p=3)", "decay(a)", "gd(lr=eta, chunk=64)", [
+        "gate a : channel = sigmoid(rank=4, init=0.97)", ETA_GATE]),
+    "quantile + decay, gd (chunk 16)": (
+        "sum(if v - y >= 0 then 0.8 * smooth_abs(v - y) else 0.2 * smooth_abs(v - y))", "decay(a)",
+        "gd(lr=eta, chunk=16)", [A_GATE, ETA_GATE]),
+    # the retention maps (per-token kernels: every token reads map(Z_i))
+    "lp(p=3) + decay + kl(key) (chunk 64)": ("lp(p=3)", "decay(a) + kl(axis=key)", "gd(lr=eta, chunk=64)", [
+        A_GATE, ETA_GATE]),
+    "lp(p=3) + decay + bregman (chunk 64)": ("lp(p=3)", "decay(a) + bregman", "gd(lr=eta, chunk=64)", [
+        A_GATE, ETA_GATE]),
+    "lp(p=3) + decay + elastic_net retain (chunk 64)": (
+        "lp(p=3)", "decay(a) + elastic_net(gamma=0.001)", "gd(lr=eta, chunk=64)", [A_GATE, ETA_GATE]),
 }
 EXAMPLES = {  # name: example file, compiled as it is (heads and dims set to this script's shape)
     "log-cosh + per-channel decay (log_cosh.miras, chunk 64)": "log_cosh.miras",
     "quantile + momentum (quantile.miras, chunk 16)": "quantile.miras",
+    "Momentum DeltaNet (momentum_deltanet.miras, chunk 1)": "momentum_deltanet.miras",
 }
 
 
@@ -75,11 +88,11 @@ def smoke_chunk(chunk: int) -> int:
     return min(chunk, 16) if SMOKE else chunk
 
 
-def compile_layer(i: int, bias: str, retention: str, lr: str, decls: list[str], chunk: int, at: str):
+def compile_layer(i: int, bias: str, retention: str, algorithm: str, decls: list[str]):
+    algorithm = re.sub(r"chunk=(\d+)", lambda m: f"chunk={smoke_chunk(int(m.group(1)))}", algorithm)
     text = "\n".join([f"layer Bench{i} {{", f"    heads {H}", f"    key_dim {D}", f"    value_dim {D}",
                       "    memory linear", *("    " + d for d in decls), f"    bias {bias}",
-                      f"    retention {retention}", f"    algorithm gd(lr={lr}, chunk={smoke_chunk(chunk)}, at={at})",
-                      "}"])
+                      f"    retention {retention}", f"    algorithm {algorithm}", "}"])
     return load_module(i, text)
 
 
@@ -184,7 +197,7 @@ def time_layer(module, ir, Tn=T, backend="triton", Bn=B):
     return fwd, bench(both, "fwd+bwd"), peak_mib(both, SMOKE)
 
 
-def peers():
+def peers(pick=lambda name: True):
     out = {}
     q = F.normalize(torch.randn(B, T, H, D, device=DEV), dim=-1).bfloat16().requires_grad_()
     k = F.normalize(torch.randn(B, T, H, D, device=DEV), dim=-1).bfloat16().requires_grad_()
@@ -203,6 +216,7 @@ def peers():
         import fla.ops.common.chunk_o as fla_chunk_o
         from fla.ops.delta_rule import chunk_delta_rule
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        from fla.ops.momentum_delta_rule import chunk_momentum_delta_rule
         from fla.ops.simple_gla import chunk_simple_gla
         from fla.ops.ttt import chunk_ttt_linear
     except Exception as exc:  # noqa: BLE001 - fla is optional
@@ -216,6 +230,8 @@ def peers():
     eta = (0.05 + 0.1 * torch.rand(B, T, H, 1, device=DEV)).bfloat16().requires_grad_()
     w = torch.ones(H, D, device=DEV).bfloat16().requires_grad_()
     bb = torch.zeros(H, D, device=DEV).bfloat16().requires_grad_()
+    mu = torch.log(0.5 + 0.45 * torch.rand(B, T, H, device=DEV)).requires_grad_()
+    ones = torch.ones(B, T, H, device=DEV)
     cases = {
         "fla chunk_simple_gla": (lambda: chunk_simple_gla(q, k, v, g=g)[0], [q, k, v, g]),
         "fla chunk_delta_rule": (lambda: chunk_delta_rule(q, k, v, beta=beta)[0], [q, k, v, beta]),
@@ -223,8 +239,14 @@ def peers():
                                        [q, k, v, g, beta]),
         "fla chunk_ttt_linear (chunk 16)": (lambda: chunk_ttt_linear(q, k, v, w, bb, eta, chunk_size=16)[0],
                                             [q, k, v, eta, w, bb]),
+        # Momentum DeltaNet (examples/momentum_deltanet.miras's rule): fla 0.6.0 runs it in PyTorch
+        "fla chunk_momentum_delta_rule (PyTorch in fla 0.6.0)": (
+            lambda: chunk_momentum_delta_rule(q, k, v, g, mu, beta=ones, eta=beta, scale=1.0,
+                                              use_qk_l2norm_in_kernel=False)[0], [q, k, v, g, mu, beta]),
     }
     for name, (fn, leaves) in cases.items():
+        if not pick(name):
+            continue
         with torch.no_grad():
             f = bench(fn, name)
         both = fwd_bwd(fn, leaves)
@@ -239,15 +261,19 @@ def main() -> int:
                                                 "with --smoke, none)")
     ap.add_argument("--quick", action="store_true", help="skip the T sweep")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes in Triton's CPU interpreter, no CUDA peers")
+    ap.add_argument("--only", default=None, help="a regular expression: only the layers and peers whose name "
+                                                 "matches (the file name gets _only)")
     args = ap.parse_args()
+    pick = (lambda name: re.search(args.only, name) is not None) if args.only else (lambda name: True)
     torch.manual_seed(0)
     device = "cpu (TRITON_INTERPRET=1)" if SMOKE else torch.cuda.get_device_properties(0).name
     head = (f"# Matrix-memory layers: agreement and speed\n\n{datetime.date.today()} · {device} · "
             f"torch {torch.__version__} · triton {triton.__version__} · B={B}, T={T}, H={H}, K=V={D}, bf16\n")
     print(head, flush=True)
-    modules = {name: compile_layer(i, *spec) for i, (name, spec) in enumerate(LAYERS.items())}
+    modules = {name: compile_layer(i, *spec) for i, (name, spec) in enumerate(LAYERS.items()) if pick(name)}
     for i, (name, file) in enumerate(EXAMPLES.items(), start=len(LAYERS)):
-        modules[name] = compile_example(i, file)
+        if pick(name):
+            modules[name] = compile_example(i, file)
 
     agree = ["## Agreement (triton, bf16) vs reference fp32 (o, state) and torch fp32 (grads)\n",
              ("| layer | rel err o | rel err state | max rel err grads | finite | grads moved by bf16-sized "
@@ -269,10 +295,11 @@ def main() -> int:
         f, fb, mem = time_layer(module, ir)
         speed.append(f"| mirasc {name} | {f:.3f} | {fb:.3f} | {mem:.0f} |")
         print(speed[-1], flush=True)
-    module, ir = modules["lp(p=3) + decay (chunk 64)"]
-    f, fb, mem = time_layer(module, ir, backend="torch")
-    speed.append(f"| mirasc lp(p=3) + decay, torch backend (eager PyTorch) | {f:.3f} | {fb:.3f} | {mem:.0f} |")
-    print(speed[-1], flush=True)
+    lp3 = modules.get("lp(p=3) + decay (chunk 64)")
+    if lp3 is not None:
+        f, fb, mem = time_layer(*lp3, backend="torch")
+        speed.append(f"| mirasc lp(p=3) + decay, torch backend (eager PyTorch) | {f:.3f} | {fb:.3f} | {mem:.0f} |")
+        print(speed[-1], flush=True)
     for name, (module, ir) in modules.items():  # one decode step (torch ops; no fused step kernel yet)
         q, k, v, params = inputs(ir, 1)
         tok = {n: (p if p.dim() == 1 else p[:, 0]) for n, p in params.items()}
@@ -283,12 +310,12 @@ def main() -> int:
             ms = bench(lambda m=module, a=tok_qkv, s=state, t=tok: m.step(*a, **t, state=s), "step")
         speed.append(f"| mirasc {name}: one decode step (B={B}, H={H}) | {ms:.4f} | | |")
         print(speed[-1], flush=True)
-    for name, (f, fb, mem) in peers().items():
+    for name, (f, fb, mem) in peers(pick).items():
         speed.append(f"| {name} | {f:.3f} | {fb:.3f} | {mem:.0f} |")
 
     sweep = []
-    module, ir = modules["lp(p=3) + decay (chunk 64)"]
-    if not args.quick:
+    if not args.quick and lp3 is not None:
+        module, ir = lp3
         sweep = [f"\n## lp(p=3) + decay: time against T (B=1, H={H})\n", "| T | fwd ms | fwd+bwd ms | fwd+bwd us / 1K tokens |",
                  "|---|---|---|---|"]
         print("\n".join(sweep), flush=True)
@@ -302,7 +329,8 @@ def main() -> int:
     if args.out or not SMOKE:
         out = Path(args.out or ROOT / "benchmarks" / "results")
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"linear_{device.split(' ')[0] if SMOKE else device.replace(' ', '_')}_{datetime.date.today()}.md"
+        (out / f"linear_{device.split(' ')[0] if SMOKE else device.replace(' ', '_')}_{datetime.date.today()}"
+         f"{'_only' if args.only else ''}.md"
          ).write_text(text)
     return 0 if all_ok else 1
 
