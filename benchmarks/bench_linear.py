@@ -108,10 +108,25 @@ def load_module(i: int, text: str):
     return import_spec(text, f"bench{i}.miras", Path(tempfile.mkdtemp()), "_bench_linear_")
 
 
+def ranges(ir):
+    """Gate ranges stable over thousands of tokens: mirasc.testing.long_sequence_range, except that under
+    momentum a gate used as the learning rate lies in (0.02, 0.1) and the momentum gate in (0.5, 0.9), so
+    that lr / (1 - momentum) <= 1 (`mirasc check`'s stability bound, docs/semantics.md)."""
+    alg = ir.algorithm
+
+    def pick(p):
+        if alg.kind == "momentum" and p.name == alg.lr:
+            return 0.02, 0.1
+        if alg.kind == "momentum" and p.name == alg.beta:
+            return 0.5, 0.9
+        return long_sequence_range(p)
+    return pick
+
+
 def inputs(ir, Tn=T, dtype=torch.bfloat16, seed=0, Bn=B):
-    """q, k, v in dtype; fp32 gates in ranges stable over Tn tokens (mirasc.testing.long_sequence_range)."""
+    """q, k, v in dtype; fp32 gates in ranges stable over Tn tokens (`ranges`)."""
     q, k, v, params, _ = make_inputs(ir, Bn, Tn, H, D, D, dtype=torch.float32, seed=seed, device=DEV,
-                                     ranges=long_sequence_range)
+                                     ranges=ranges(ir))
     return q.to(dtype), k.to(dtype), v.to(dtype), params
 
 
