@@ -105,8 +105,9 @@ def record(module, ir, K: int, dtype: torch.dtype, chunk: int) -> list:
     if mlp:  # an MLP memory needs its initial weights (and momentum buffers)
         shapes = module._layer_shapes(K, K) * (2 if ir.algorithm.kind == "momentum" else 1)
         state = tuple(torch.zeros(B, H, a, b, **grad) for a, b in shapes)
-    o, _ = module.memory(q, k, v, **gates, initial_state=state, chunk_size=chunk, backend="triton")
-    o.float().sum().backward()  # the outputs are uninitialized: only the backward's launch matters
+    if any(n != "_step_kernel" for n in module._kernel_names):  # a layer may have the fused step only
+        o, _ = module.memory(q, k, v, **gates, initial_state=state, chunk_size=chunk, backend="triton")
+        o.float().sum().backward()  # the outputs are uninitialized: only the backward's launch matters
     if hasattr(module, "_orig_step_kernel") and K <= 128:  # the fused step refuses wider heads
         with torch.no_grad():
             qs, ks, vs = (torch.randn(B, H, K, dtype=dtype) for _ in range(3))
@@ -157,7 +158,7 @@ def collect(only: str | None, dims: list[int], dtypes: list[str], chunk_list: li
                 if dname not in dtypes:
                     continue
                 for chunk in chunks:
-                    if not mlp and module._value_slices(K, K, chunk, dtype) is None:
+                    if not mlp and hasattr(module, "_value_slices") and module._value_slices(K, K, chunk, dtype) is None:
                         print(f"# {stem} K={K} {dname} chunk={chunk}: refused by _fits (auto runs torch)",
                               file=sys.stderr)
                         continue
