@@ -2,9 +2,9 @@
 
     python benchmarks/check_sm90.py [--only NAME] [--jobs N] [--timeout S] [--spec FILE ...]
 
-For each example with Triton kernels, the generated memory() (forward and backward) and step() run on
-CPU tensors at the real shapes with a stand-in for each kernel that records its launch instead of
-running it. Each recorded launch is bound exactly as JITFunction.run binds it on a GPU (the same
+For each example with Triton kernels, the generated memory() (forward and backward; skipped for a layer
+that has the fused step only) and step() run on CPU tensors at the real shapes with a stand-in for each
+kernel that records its launch instead of running it. Each recorded launch is bound exactly as JITFunction.run binds it on a GPU (the same
 specialization, constexprs and options), then compiled for sm_90 by triton.compile. Configurations:
 head dims K = V = 64 (and 128 for matrix memories; --dims picks others), the spec's chunk size (plus 64 and 1 for matrix
 memories), bf16 and fp32 inputs (LOWP as the launchers choose it); step() at a chunk's first token and
