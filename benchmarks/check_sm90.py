@@ -2,9 +2,9 @@
 
     python benchmarks/check_sm90.py [--only NAME] [--jobs N] [--timeout S] [--spec FILE ...]
 
-For each example with Triton kernels, the generated memory() (forward and backward) and step() run on
-CPU tensors at the real shapes with a stand-in for each kernel that records its launch instead of
-running it. Each recorded launch is bound exactly as JITFunction.run binds it on a GPU (the same
+For each example with Triton kernels, the generated memory() (forward and backward; skipped for a layer
+that has the fused step only) and step() run on CPU tensors at the real shapes with a stand-in for each
+kernel that records its launch instead of running it. Each recorded launch is bound exactly as JITFunction.run binds it on a GPU (the same
 specialization, constexprs and options), then compiled for sm_90 by triton.compile. Configurations:
 head dims K = V = 64 (and 128 for matrix memories; --dims picks others), the spec's chunk size (plus 64 and 1 for matrix
 memories), bf16 and fp32 inputs (LOWP as the launchers choose it); step() at a chunk's first token and
@@ -105,8 +105,9 @@ def record(module, ir, K: int, dtype: torch.dtype, chunk: int) -> list:
     if mlp:  # an MLP memory needs its initial weights (and momentum buffers)
         shapes = module._layer_shapes(K, K) * (2 if ir.algorithm.kind == "momentum" else 1)
         state = tuple(torch.zeros(B, H, a, b, **grad) for a, b in shapes)
-    o, _ = module.memory(q, k, v, **gates, initial_state=state, chunk_size=chunk, backend="triton")
-    o.float().sum().backward()  # the outputs are uninitialized: only the backward's launch matters
+    if any(n != "_step_kernel" for n in module._kernel_names):  # a layer may have the fused step only
+        o, _ = module.memory(q, k, v, **gates, initial_state=state, chunk_size=chunk, backend="triton")
+        o.float().sum().backward()  # the outputs are uninitialized: only the backward's launch matters
     if hasattr(module, "_orig_step_kernel") and K <= 128:  # the fused step refuses wider heads
         with torch.no_grad():
             qs, ks, vs = (torch.randn(B, H, K, dtype=dtype) for _ in range(3))
@@ -157,7 +158,7 @@ def collect(only: str | None, dims: list[int], dtypes: list[str], chunk_list: li
                 if dname not in dtypes:
                     continue
                 for chunk in chunks:
-                    if not mlp and module._value_slices(K, K, chunk, dtype) is None:
+                    if not mlp and hasattr(module, "_value_slices") and module._value_slices(K, K, chunk, dtype) is None:
                         print(f"# {stem} K={K} {dname} chunk={chunk}: refused by _fits (auto runs torch)",
                               file=sys.stderr)
                         continue

@@ -13,7 +13,15 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import CountLaunches, assert_close, flatten_state, make_inputs, make_state
+from conftest import (
+    CountLaunches,
+    LinearVariant,
+    assert_close,
+    compile_module,
+    flatten_state,
+    make_inputs,
+    make_state,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKEND = "aot_eager"
@@ -123,6 +131,40 @@ def test_step_compiles_without_graph_breaks(compiled_examples, name):
         assert_close(co, o, f"{name}: output of token {t}", rtol=1e-6, atol=1e-7)
         assert_close(comp_state.state, eager_state.state, f"{name}: state after token {t}", rtol=1e-6,
                      atol=1e-7)
+
+
+def test_step_with_momentum_and_a_map_compiles(tmp_path, monkeypatch):
+    """The fused step of a momentum layer with lq(norm=chunk) (four outputs, CHUNK_END at a chunk's last
+    token) in a compiled decode loop over a chunk end: no graph break, and it equals the eager loop."""
+    variant = LinearVariant("momentum_lq", "l2", ["gate b : head = sigmoid(rank=4, init=0.8)"],
+                            "decay(0.9) + lq(q=3)", "0.3", 4, beta="b")
+    module, compiled_spec = compile_module(variant.spec("CompileStepMap"), "step_map.miras", tmp_path,
+                                           "_compile_step_map")
+    ir = compiled_spec.ir
+    counter = CountLaunches(module._step_kernel)
+    monkeypatch.setattr(module, "_step_kernel", counter)
+    torch._dynamo.reset()
+    B, H, K, T = 2, 2, 16, 6
+    q, k, v, params, gen = make_inputs(ir, B, T, H, K, K, seed=6)
+    params = {n: (x if x.dim() == 1 else x.float()) for n, x in params.items()}
+    state = module.decode_state(tuple(x.float() for x in make_state(ir, B, H, K, K, gen=gen, scale=0.5)))
+
+    def step(t, state):
+        return module.step(q[:, t].float(), k[:, t].float(), v[:, t].float(),
+                           **{n: (x if x.dim() == 1 else x[:, t]) for n, x in params.items()},
+                           state=state, chunk_size=4, backend="triton")
+
+    compiled = torch.compile(step, fullgraph=True, backend=BACKEND)
+    eager_state, comp_state = state, state
+    for t in range(T):
+        o, eager_state = step(t, eager_state)
+        co, comp_state = compiled(t, comp_state)
+        assert_close(co, o, f"output of token {t}", rtol=1e-6, atol=1e-7)
+        assert comp_state.pos == eager_state.pos == (t + 1) % 4
+        for name, a, b in zip(("Z", "m", "base"), (*comp_state.state, comp_state.base),
+                              (*eager_state.state, eager_state.base)):
+            assert_close(a, b, f"{name} after token {t}", rtol=1e-6, atol=1e-7)
+    assert counter.launches == 2 * T, "a step did not run the fused kernel"
 
 
 def test_block_compiles_without_graph_breaks(compiled_examples):

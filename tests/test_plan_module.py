@@ -27,24 +27,24 @@ def _plans(stem: str, replace: tuple[str, str] | None = None):
     return plans(compile_spec(text, f"{stem}.miras").ir, __version__)
 
 
-@pytest.mark.parametrize(("stem", "replace", "family", "step", "reason"), [
-    pytest.param("gated_deltanet", None, "linear", True, "", id="gated_deltanet-linear-and-step"),
-    pytest.param("quantile", None, "linear", False, "the fused decode step does not cover momentum yet",
-                 id="quantile-momentum-no-step"),
-    pytest.param("titans", None, "mlp", False, "the fused decode step covers matrix memories only",
-                 id="titans-mlp"),
-    pytest.param("moneta", ("lq(q=4)", "lq(q=4, norm=token)"), "mlp", False,
-                 "the fused decode step covers matrix memories only", id="moneta-token-mlp"),
+_NO_STEP = "the fused decode step covers matrix memories only"
+
+
+@pytest.mark.parametrize(("stem", "replace", "family", "step", "reason", "step_reason"), [
+    pytest.param("gated_deltanet", None, "linear", True, "", "", id="gated_deltanet-linear-and-step"),
+    pytest.param("quantile", None, "linear", True, "", "", id="quantile-momentum-linear-and-step"),
+    pytest.param("titans", None, "mlp", False, "", _NO_STEP, id="titans-mlp"),
+    pytest.param("moneta", ("lq(q=4)", "lq(q=4, norm=token)"), "mlp", False, "", _NO_STEP, id="moneta-token-mlp"),
     pytest.param("moneta", None, None, False, "lq(norm=chunk) has no triton kernel yet; it runs on the torch backend",
-                 id="moneta-chunk-refused"),
+                 _NO_STEP, id="moneta-chunk-refused"),
     pytest.param("memora", None, None, False, "the retention map 'softmax' has no triton kernel for MLP memories",
-                 id="memora-refused"),
+                 _NO_STEP, id="memora-refused"),
 ])
-def test_one_kernel_decision(stem, replace, family, step, reason):
+def test_one_kernel_decision(stem, replace, family, step, reason, step_reason):
     p = _plans(stem, replace)
     k = p.module.kernels
     assert isinstance(p.module, ModulePlan) and isinstance(k, KernelChoice)
-    assert (k.family, k.step, k.reason) == (family, step, reason)
+    assert (k.family, k.step, k.reason, k.step_reason) == (family, step, reason, step_reason)
     # the choice agrees with the family plans it was made from
     family_plan = p.mlp if p.module.memory.mlp else p.linear
     assert isinstance(family_plan, Refusal) == (family is None)
@@ -81,8 +81,12 @@ def test_explain_plan_prints_every_plan(capsys):
     assert main(["explain", "--plan", str(ROOT / "examples" / "quantile.miras")]) == 0
     out = capsys.readouterr().out
     for line in ("module (m): ModulePlan", "kernels: KernelChoice", "family: 'linear'",
-                 "matrix-memory kernels (linear): LinearPlan", "fused decode step (step): Refusal",
-                 "reason: 'the fused decode step does not cover momentum yet'"):
+                 "matrix-memory kernels (linear): LinearPlan", "fused decode step (step): StepPlan",
+                 "momentum: True"):
+        assert line in out, line
+    assert main(["explain", "--plan", str(ROOT / "examples" / "titans.miras")]) == 0
+    out = capsys.readouterr().out
+    for line in ("fused decode step (step): Refusal", "reason: 'the fused decode step covers matrix memories only'"):
         assert line in out, line
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from mirasc.codegen.plan import Refusal
 from mirasc.codegen.plan.step import StepPlan, plan_step
 from mirasc.frontend import load_spec
@@ -17,10 +19,10 @@ def _example(name: str):
     return derive(load_spec(path.read_text(), str(path)))
 
 
-def _layer(bias, decls, retention, lr, at="previous", memory="linear"):
+def _layer(bias, decls, retention, lr, at="previous", memory="linear", algorithm=None):
     text = "\n".join(["layer P {", "    heads 2", "    key_dim 8", "    value_dim 8", f"    memory {memory}",
                       *("    " + d for d in decls), f"    bias {bias}", f"    retention {retention}",
-                      f"    algorithm gd(lr={lr}, chunk=4, at={at})", "}"])
+                      f"    algorithm {algorithm or f'gd(lr={lr}, chunk=4, at={at})'}", "}"])
     return derive(load_spec(text, "p.miras"))
 
 
@@ -77,13 +79,57 @@ def test_launch_table_covers_every_tile_the_kernel_accepts():
 
 
 def test_refusals():
-    for name in ("titans", "moneta"):  # MLP memories
+    for name in ("titans", "moneta", "memora"):  # MLP memories (momentum, lq, kl)
         plan = plan_step(_example(name))
         assert isinstance(plan, Refusal) and "covers matrix memories only" in plan.reason, plan
-    text = ("layer M {\n heads 2\n key_dim 8\n value_dim 8\n memory linear\n bias l2\n"
-            " retention decay(0.9)\n algorithm momentum(beta=0.9, lr=0.5, chunk=4)\n}")
-    momentum = derive(load_spec(text, "m.miras"))
-    plan = plan_step(momentum)
-    assert isinstance(plan, Refusal) and "does not cover momentum" in plan.reason
-    plan = plan_step(_layer("l2", [], "decay(0.9) + lq(q=3)", "0.5"))  # no Triton kernels for the map
-    assert isinstance(plan, Refusal) and "retention map 'lq'" in plan.reason
+
+
+def test_gd_without_a_map_sets_no_new_flags():
+    plan = plan_step(_example("gated_deltanet"))
+    assert not plan.momentum and plan.beta.arg == "None"
+    assert plan.map == "id" and not (plan.base_map or plan.prox or plan.lq_chunk or plan.chunk_end)
+    assert plan.gamma.arg == "None" and plan.gamma.lit == 0.0
+
+
+def test_momentum_reads_beta():
+    plan = plan_step(_layer("l2", ["gate a : head = sigmoid(rank=4, init=0.9)",
+                                   "gate b : channel = sigmoid(rank=4, init=0.8)"], "decay(a)", "0.5",
+                            algorithm="momentum(beta=b, lr=0.5, chunk=4)"))
+    assert isinstance(plan, StepPlan) and plan.momentum
+    assert plan.beta.input.public == "b" and plan.beta.channel
+    assert [p.public for p in plan.inputs] == ["a", "b"]
+    plan = plan_step(_layer("l2", [], "none", "0.5", algorithm="momentum(beta=0.8, lr=0.5, chunk=4, at=retained)"))
+    assert plan.momentum and plan.beta.arg == "None" and plan.beta.lit == 0.8
+    assert plan.inputs == () and not plan.at_retained  # no decay: the retained point is the base
+
+
+@pytest.mark.parametrize(("retention", "map_", "base_map", "prox", "lq_chunk"), [
+    ("kl(axis=value, scale=2.0)", "softmax", True, False, False),
+    ("decay(0.9) + bregman", "sigmoid", True, False, False),
+    ("elastic_net(0.1, form=ftrl)", "soft_threshold", True, False, False),
+    ("elastic_net(0.1, form=retain)", "soft_threshold", False, True, False),  # the base is the carried W
+    ("lq(q=3)", "lq", True, False, True),
+    ("lq(q=3, norm=token)", "lq", True, False, False),
+    ("lq(q=2)", "id", False, False, False),  # lq with q = 2 is the identity
+])
+def test_retention_maps(retention, map_, base_map, prox, lq_chunk):
+    plan = plan_step(_layer("l2", [], retention, "0.5"))
+    assert isinstance(plan, StepPlan)
+    assert (plan.map, plan.base_map, plan.prox, plan.lq_chunk) == (map_, base_map, prox, lq_chunk)
+    assert plan.chunk_end == (prox or lq_chunk)
+    assert "def _step_map(" in plan.library and "def _lq_pow(" in plan.library  # with its callees
+    assert "def _bias_grad(" in plan.bias_src
+
+
+def test_map_constants():
+    plan = plan_step(_layer("l2", [], "kl(axis=all, scale=3.0)", "0.5"))
+    assert (plan.kl_axis, plan.kl_scale) == ("all", 3.0)
+    plan = plan_step(_layer("l2", [], "lq(q=3, eps=0.01)", "0.5"))
+    assert (plan.lq.q, plan.lq.qi, plan.lq.eps) == (3.0, 3, 0.01)
+    assert abs(plan.lq.pw - 1 / 3) < 1e-15 and abs(plan.lq.r0 - 100.0) < 1e-9  # 1 / eps at Z = 0
+    plan = plan_step(_layer("l2", [], "lq(q=1.5)", "0.5"))
+    assert plan.lq.qi == 0 and plan.lq.pw < 0 and plan.lq.r0 == 0.0  # an infinite norm at Z = 0 reads 0
+    plan = plan_step(_layer("l2", ["gate g : channel = softplus(rank=4, init=0.1)"],
+                            "elastic_net(g, form=retain)", "0.5"))
+    assert plan.gamma.input.public == "g" and plan.gamma.channel
+    assert [p.public for p in plan.inputs] == ["g"]

@@ -64,3 +64,66 @@ def test_step_vecmat_is_a_row_times_a_matrix(tmp_path):
     out = torch.full((V,), float("nan"))
     module.vecmat_kernel[(1,)](x, m, out, K, V, BK=16, BV=32)
     torch.testing.assert_close(out.double(), x.double() @ m.double(), rtol=1e-5, atol=1e-5)
+
+
+_MAP = """
+@triton.jit
+def map_kernel(z_ptr, g_ptr, out_ptr, K, V, BK: tl.constexpr, BV: tl.constexpr, MAP: tl.constexpr,
+               KL_AXIS: tl.constexpr, KL_SCALE: tl.constexpr, LQ_Q: tl.constexpr, LQ_QI: tl.constexpr,
+               LQ_PW: tl.constexpr, LQ_EPS: tl.constexpr, LQ_R0: tl.constexpr):
+    rk = tl.arange(0, BK)
+    rv = tl.arange(0, BV)
+    smask = (rk < K)[:, None] & (rv < V)[None, :]
+    z = tl.load(z_ptr + rk[:, None] * V + rv[None, :], mask=smask, other=0.0)
+    gamma = tl.load(g_ptr + rv, mask=rv < V, other=1.0)[None, :]
+    w = _step_map(z, smask, gamma, MAP, KL_AXIS, KL_SCALE, LQ_Q, LQ_QI, LQ_PW, LQ_EPS, LQ_R0)
+    tl.store(out_ptr + rk[:, None] * BV + rv[None, :], w)
+"""
+
+
+def _lq_oracle(z, q, eps):
+    """Z / max(||Z||_q^(q-2), eps) over the whole matrix, in float64 (the torch backend's _retention_map)."""
+    s = z.abs().pow(q).sum()
+    n = s.pow((q - 2) / q) if s > 0 else torch.tensor(0.0 if q > 2 else float("inf"), dtype=z.dtype)
+    return z / n.clamp_min(eps)
+
+
+@pytest.mark.parametrize(("map_", "axis", "scale", "q", "scale_z"), [
+    ("softmax", "key", 1.0, 3.0, 1.0),
+    ("softmax", "value", 2.0, 3.0, 1.0),
+    ("softmax", "all", 0.5, 3.0, 1.0),
+    ("sigmoid", "key", 1.0, 3.0, 1.0),
+    ("soft_threshold", "key", 1.0, 3.0, 1.0),
+    ("lq", "key", 1.0, 3.0, 1.0),
+    ("lq", "key", 1.0, 2.5, 1.0),  # |z|^q through exp / log
+    ("lq", "key", 1.0, 1.5, 1.0),
+    ("lq", "key", 1.0, 3.0, 1e-8),  # ||Z||_q^(q-2) below eps: the clamp holds
+    ("lq", "key", 1.0, 3.0, 0.0),  # Z = 0, q > 2: Z / eps = 0
+    ("lq", "key", 1.0, 1.5, 0.0),  # Z = 0, q < 2: an infinite norm, W = 0 (never inf * 0)
+])
+def test_step_map_matches_torch(map_, axis, scale, q, scale_z, tmp_path):
+    module = load_with_library(["_step_map"], _MAP, tmp_path)
+    g = torch.Generator().manual_seed(23)
+    K, V, BK, BV = 12, 20, 16, 32
+    z = scale_z * 2.0 * torch.randn(K, V, generator=g, dtype=torch.float64)
+    gamma = 0.5 * torch.rand(V, generator=g, dtype=torch.float64)  # per channel: the broadest layout
+    eps = 1e-6
+    out = torch.full((BK, BV), float("nan"))
+    qi = int(q) if q == int(q) else 0
+    module.map_kernel[(1,)](z.float(), gamma.float(), out, K, V, BK=BK, BV=BV, MAP=map_, KL_AXIS=axis,
+                            KL_SCALE=scale, LQ_Q=q, LQ_QI=qi, LQ_PW=(q - 2) / q, LQ_EPS=eps,
+                            LQ_R0=1 / eps if q > 2 else 0.0)
+    zf = z.float().double()  # the values the kernel sees
+    want = {
+        "softmax": lambda: scale * (zf.softmax(0) if axis == "key" else zf.softmax(1) if axis == "value"
+                                    else zf.flatten().softmax(0).reshape(K, V)),
+        "sigmoid": lambda: torch.sigmoid(zf),
+        "soft_threshold": lambda: zf - torch.minimum(torch.maximum(zf, -gamma.float().double()),
+                                                     gamma.float().double()),
+        "lq": lambda: _lq_oracle(zf, q, eps),
+    }[map_]()
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[:K, :V].double(), want, rtol=1e-5, atol=1e-6)
+    assert (out[K:] == 0).all() and (out[:, V:] == 0).all(), "padded entries must read 0"
+    if scale_z:
+        assert want.abs().max() > 1e-3  # a map that returned zeros could not pass

@@ -50,6 +50,51 @@ VARIANTS = [
                   dtype=torch.bfloat16),
 ]
 
+# Momentum (the state is (Z, m)): with and without decay, beta a per-head gate, a learnable, a constant
+# or per channel, at=previous and at=retained.
+MOMENTUM_VARIANTS = [
+    LinearVariant("momentum_decay_gates", "l2", ["gate a : head = sigmoid(rank=4, init=0.9)",
+                  "gate b : head = sigmoid(rank=4, init=0.8)", "gate eta : head = softplus(rank=4, init=0.1)"],
+                  "decay(a)", "eta", 4, V=8, beta="b"),
+    LinearVariant("momentum_learnable_no_decay", "lp(p=3)", ["param b = learnable(0.7, sigmoid)"], "none", "0.2", 1,
+                  K=8, beta="b"),
+    LinearVariant("momentum_const_retained", "l2", ["gate a : head = sigmoid(rank=4, init=0.9)"], "decay(a)", "0.3",
+                  4, at="retained", K=12, V=8, beta="0.85", dtype=torch.bfloat16),
+    LinearVariant("momentum_channel_gates", "huber(d)", ["gate d : head = softplus(rank=4, init=1.0)",
+                  "gate a : channel = sigmoid(rank=4, init=0.9)", "gate b : channel = sigmoid(rank=4, init=0.8)"],
+                  "decay(a)", "0.3", 1, V=8, beta="b"),
+]
+
+# Retention maps: every token's gradient at map(Z_b), o = q map(Z'); chunk 1 and 4 (chunk 4 over 9
+# tokens crosses two chunk ends, where lq(norm=chunk) and elastic_net(form=retain) act).
+MAP_VARIANTS = [
+    LinearVariant("kl_key", "l2", ["gate a : head = sigmoid(rank=4, init=0.9)"], "decay(a) + kl(axis=key)", "0.5",
+                  4, V=8),
+    LinearVariant("kl_value", "l2", [], "kl(axis=value, scale=2.0)", "0.5", 1, K=8, V=12),
+    LinearVariant("kl_all_retained", "l2", ["gate a : head = sigmoid(rank=4, init=0.9)"],
+                  "decay(a) + kl(axis=all, scale=4.0)", "0.5", 4, at="retained", V=8),
+    LinearVariant("bregman_retained", "l2", ["gate a : channel = sigmoid(rank=4, init=0.9)",
+                  "gate eta : head = softplus(rank=4, init=0.3)"], "decay(a) + bregman", "eta", 4, at="retained",
+                  K=8),
+    LinearVariant("bregman", "dot", [], "bregman", "0.3", 1, V=8),
+    LinearVariant("elastic_net_ftrl", "l2", ["param g = learnable(0.05, softplus)"],
+                  "decay(0.95) + elastic_net(g, form=ftrl)", "0.5", 4, V=8),
+    LinearVariant("elastic_net_retain", "l2", ["gate g : channel = softplus(rank=4, init=0.05)"],
+                  "decay(0.95) + elastic_net(g, form=retain)", "0.5", 4, K=12, V=8),
+    LinearVariant("elastic_net_retain_retained", "l2", ["gate a : head = sigmoid(rank=4, init=0.9)"],
+                  "decay(a) + elastic_net(0.02, form=retain)", "0.5", 1, at="retained", V=8),
+    LinearVariant("lq_chunk_decay", "l2", [], "decay(0.9) + lq(q=3)", "0.5", 4, V=8),
+    LinearVariant("lq_chunk", "l2", [], "lq(q=3, norm=chunk)", "0.5", 1, K=12, V=8),
+    LinearVariant("lq_token_retained", "l2", ["gate a : head = sigmoid(rank=4, init=0.9)"],
+                  "decay(a) + lq(q=3, norm=token)", "0.5", 4, at="retained", V=8, dtype=torch.bfloat16),
+    LinearVariant("lq_q1_5", "l2", [], "lq(q=1.5)", "0.5", 4, V=8),
+    # momentum and a map together
+    LinearVariant("momentum_kl", "l2", ["gate b : head = sigmoid(rank=4, init=0.8)"], "decay(0.95) + kl",
+                  "0.3", 4, V=8, beta="b"),
+]
+
+ALL_VARIANTS = VARIANTS + MOMENTUM_VARIANTS + MAP_VARIANTS
+
 
 def _compile(i, variant, tmp_path):
     module, compiled = compile_module(variant.spec(f"StepVariant{i}"), f"step_variant{i}.miras", tmp_path,
@@ -59,15 +104,41 @@ def _compile(i, variant, tmp_path):
 
 
 def _inputs(ir, dtype, B, T, H, K, V, seed):
-    """Inputs in the run's dtype, their float64 images (the values it sees exactly) and a random state."""
+    """Inputs in the run's dtype, their float64 images (the values it sees exactly) and a random state:
+    Z, or (Z, m) with momentum."""
     q, k, v, params, gen = make_inputs(ir, B, T, H, K, V, dtype=torch.float64, seed=seed)
     low = [x.to(dtype).to(DEVICE) for x in (q, k, v, *params.values())]
-    s0 = (0.5 * torch.randn(B, H, K, V, dtype=torch.float64, generator=gen)).float().to(DEVICE)
-    return low[:3], dict(zip(params, low[3:])), s0
+    n = 2 if ir.algorithm.kind == "momentum" else 1
+    s0 = tuple((0.5 * torch.randn(B, H, K, V, dtype=torch.float64, generator=gen)).float().to(DEVICE)
+               for _ in range(n))
+    return low[:3], dict(zip(params, low[3:])), (s0[0] if n == 1 else s0)
 
 
 def _f64(xs):
-    return [x.double() for x in xs]
+    if isinstance(xs, torch.Tensor):
+        return xs.double()
+    return (tuple if isinstance(xs, tuple) else list)(x.double() for x in xs)
+
+
+def _closed(ir, decoded, params):
+    """The decoded state as memory() returns it at the end of a call: elastic_net(form=retain) closes a
+    call's unfinished last chunk with W = S_gamma(Z), gamma the last token's (other layers, and a state
+    at a chunk boundary, are carried as they are)."""
+    state = decoded.state
+    if ir.retention.form != "prox" or decoded.pos == 0:
+        return state
+    g = ir.retention.gamma
+    if isinstance(g, str):
+        g = params[g].float()
+        g = g[None, :, None, None] if g.dim() == 1 else (g[:, -1, :, None, None] if g.dim() == 3 else g[:, -1, :, None])
+    else:
+        g = torch.tensor(float(g))
+    return state - torch.minimum(torch.maximum(state, -g), g)
+
+
+def _flat(state):
+    """A state (Z, or the tuple (Z, m)) as one vector, to compare whole states."""
+    return state.flatten() if isinstance(state, torch.Tensor) else torch.cat([x.flatten() for x in state])
 
 
 def _decode(module, qkv, params, state, chunk, backend, start, stop):
@@ -83,7 +154,7 @@ def _decode(module, qkv, params, state, chunk, backend, start, stop):
     return torch.stack(outs, 1), state
 
 
-@pytest.mark.parametrize(("i", "variant"), indexed_params(VARIANTS))
+@pytest.mark.parametrize(("i", "variant"), indexed_params(ALL_VARIANTS))
 def test_triton_step_matches_torch_step_and_reference(i, variant, tmp_path, monkeypatch):
     chunk, K, V, dtype = variant.chunk, variant.K, variant.V, variant.dtype
     module, ir = _compile(i, variant, tmp_path)
@@ -98,25 +169,32 @@ def test_triton_step_matches_torch_step_and_reference(i, variant, tmp_path, monk
     o_to, st_to = _decode(module, qkv, params, module.decode_state(s0), chunk, "torch", 0, T)
     assert counter.launches == T
     o_ref, s_ref = module.memory(*_f64(qkv), **dict(zip(params, _f64(params.values()))),
-                                 initial_state=s0.double(), output_final_state=True, chunk_size=chunk,
+                                 initial_state=_f64(s0), output_final_state=True, chunk_size=chunk,
                                  backend="reference")
 
     # Triton and torch steps: the same rule in float32, only summation order differs.
     o_tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16 outputs: 8 bits (the interpreter truncates)
     assert rel(o_tr, o_to) < o_tol, f"o vs torch step: {rel(o_tr, o_to):.2e}"
     assert st_tr.pos == st_to.pos == T % chunk
-    assert st_tr.state.dtype == torch.float32 and st_tr.base.dtype == torch.float32
-    assert rel(st_tr.state, st_to.state) < 1e-5, f"state vs torch step: {rel(st_tr.state, st_to.state):.2e}"
+    assert type(st_tr.state) is type(st_to.state)
+    assert _flat(st_tr.state).dtype == torch.float32 and st_tr.base.dtype == torch.float32
+    s_tr, s_to = _flat(st_tr.state), _flat(st_to.state)
+    assert rel(s_tr, s_to) < 1e-5, f"state vs torch step: {rel(s_tr, s_to):.2e}"
     assert rel(st_tr.base, st_to.base) < 1e-5, f"base vs torch step: {rel(st_tr.base, st_to.base):.2e}"
     # Against the oracle: the whole sequence as one memory() call, float64.
     o_tol = 1e-4 if dtype == torch.float32 else 1e-2
-    assert torch.isfinite(o_tr).all() and torch.isfinite(st_tr.state).all()
+    assert torch.isfinite(o_tr).all() and torch.isfinite(s_tr).all()
     assert rel(o_tr, o_ref) < o_tol, f"o vs reference: {rel(o_tr, o_ref):.2e}"
-    assert rel(st_tr.state, s_ref) < 1e-4, f"final state vs reference: {rel(st_tr.state, s_ref):.2e}"
-    assert rel(s_ref, s0) > 1e-2, "the state barely moved: the comparison could not fail"
+    s_end = _flat(_closed(ir, st_tr, params))
+    assert rel(s_end, _flat(s_ref)) < 1e-4, f"final state vs reference: {rel(s_end, _flat(s_ref)):.2e}"
+    assert rel(_flat(s_ref), _flat(s0)) > 1e-2, "the state barely moved: the comparison could not fail"
 
 
-@pytest.mark.parametrize(("i", "variant"), [p for p in indexed_params(VARIANTS) if p.values[0] in (0, 2, 4, 5, 6)])
+# the gd variants 0, 2, 4, 5, 6, and every momentum and map variant
+PREFILL = [p for p in indexed_params(ALL_VARIANTS) if p.values[0] in (0, 2, 4, 5, 6) or p.values[0] >= len(VARIANTS)]
+
+
+@pytest.mark.parametrize(("i", "variant"), PREFILL)
 def test_prefill_then_triton_steps_equals_one_call(i, variant, tmp_path):
     chunk, K, V, dtype = variant.chunk, variant.K, variant.V, variant.dtype
     module, ir = _compile(i, variant, tmp_path)
@@ -131,12 +209,13 @@ def test_prefill_then_triton_steps_equals_one_call(i, variant, tmp_path):
                                  initial_state=s0, output_final_state=True, chunk_size=chunk)
         o_dec, state = _decode(module, qkv, params, module.decode_state(s), chunk, "triton", P, T)
     o_ref, s_ref = module.memory(*_f64(qkv), **dict(zip(params, _f64(params.values()))),
-                                 initial_state=s0.double(), output_final_state=True, chunk_size=chunk,
+                                 initial_state=_f64(s0), output_final_state=True, chunk_size=chunk,
                                  backend="reference")
     tol = 1e-4 if dtype == torch.float32 else 1e-2
     assert rel(o_pre, o_ref[:, :P]) < tol, f"prefill: {rel(o_pre, o_ref[:, :P]):.2e}"
     assert rel(o_dec, o_ref[:, P:]) < tol, f"decoded tokens: {rel(o_dec, o_ref[:, P:]):.2e}"
-    assert rel(state.state, s_ref) < 1e-4, f"final state: {rel(state.state, s_ref):.2e}"
+    s_end = _flat(_closed(ir, state, params))
+    assert rel(s_end, _flat(s_ref)) < 1e-4, f"final state: {rel(s_end, _flat(s_ref)):.2e}"
 
 
 def test_auto_picks_the_kernel_only_where_it_applies(tmp_path, monkeypatch):

@@ -193,14 +193,16 @@ class KernelChoice:
     and the generated module read. (At run time the generated `_triton_usable` adds what depends on the
     call: CUDA tensors, head dims and dtypes against the family's launch table.)
 
-    family is "linear", "mlp" or None; step says whether the fused decode step exists; reason is what
-    backend="triton" says for the chunk kernels (family None) or for step() (family set, no step). eta,
-    alpha, beta and bias_args are the launcher's operand expressions (contiguous fp32 tensors, None for
-    an absent decay or momentum gate)."""
+    family is "linear", "mlp" or None; step says whether the fused decode step exists (its plan decides
+    on its own: a layer may have the step without the chunk kernels); reason is what backend="triton"
+    says for the chunk kernels (family None, else ""), step_reason what step() says (no step, else "").
+    eta, alpha, beta and bias_args are the launcher's operand expressions (contiguous fp32 tensors, None
+    for an absent decay or momentum gate)."""
 
     family: str | None
     step: bool
     reason: str
+    step_reason: str
     eta: str | None = None
     alpha: str | None = None
     beta: str | None = None
@@ -453,13 +455,14 @@ def choose_kernels(ir: LayerIR, linear: LinearPlan | Refusal, mlp: MlpPlan | Ref
     """The one decision of which fused kernels a layer gets, from its family plans (each a plan or the
     one reason it has none): the memory's own family (matrix or MLP), and the fused decode step."""
     family_plan = mlp if ir.memory.kind == "mlp" else linear
-    if isinstance(family_plan, Refusal):
-        return KernelChoice(None, False, family_plan.reason)
     has_step = isinstance(step, StepPlan)
+    step_reason = "" if has_step else step.reason
+    if isinstance(family_plan, Refusal):
+        return KernelChoice(None, has_step, family_plan.reason, step_reason)
     alg, ret = ir.algorithm, ir.retention
     return KernelChoice(
-        family=ir.memory.kind if ir.memory.kind == "mlp" else "linear", step=has_step,
-        reason="" if has_step else step.reason,
+        family=ir.memory.kind if ir.memory.kind == "mlp" else "linear", step=has_step, reason="",
+        step_reason=step_reason,
         eta=operand_source(ir, alg.lr, "eta"), alpha=operand_source(ir, ret.alpha, "alpha"),
         beta=operand_source(ir, alg.beta, "beta") if alg.kind == "momentum" else None,
         bias_args=tuple(f"gates[{p.public!r}].float().contiguous()" for p in bias_params_of(ir)))

@@ -2,6 +2,8 @@
 import triton
 import triton.language as tl
 
+from .mlp import _lq_pow
+
 
 @triton.jit
 def _step_input(ptr, off, rv, vmask, CHANNEL: tl.constexpr):
@@ -18,3 +20,45 @@ def _step_vecmat(x, m):
     """The row vector x [BK] times the matrix m [BK, BV]: [BV] (a reduction: one row is too little
     for tensor cores)."""
     return tl.sum(x[:, None] * m, axis=0)
+
+
+@triton.jit
+def _step_lq_rnorm(z, Q: tl.constexpr, QI: tl.constexpr, PW: tl.constexpr, EPS: tl.constexpr,
+                   R0: tl.constexpr):
+    """1 / n(Z) of a whole matrix z [BK, BV] (padded entries 0), n(Z) = max(||Z||_q^(q-2), EPS): Moneta's
+    lq map is W = Z * this. PW = (q - 2) / q; R0 is the value at Z = 0 (1 / EPS for q > 2; 0 for q < 2,
+    where the norm's power is infinite there), so no infinity is formed."""
+    s = tl.sum(tl.sum(_lq_pow(z, Q, QI), axis=1), axis=0)  # ||Z||_q^q
+    r = tl.where(s > 0.0, tl.exp(-PW * tl.log(tl.maximum(s, 1e-30))), R0)
+    return tl.minimum(r, 1.0 / EPS)
+
+
+@triton.jit
+def _step_map(z, smask, gamma, MAP: tl.constexpr, KL_AXIS: tl.constexpr, KL_SCALE: tl.constexpr,
+              LQ_Q: tl.constexpr, LQ_QI: tl.constexpr, LQ_PW: tl.constexpr, LQ_EPS: tl.constexpr,
+              LQ_R0: tl.constexpr):
+    """The retention map W = map(Z) of a whole matrix z [BK, BV] (docs/semantics.md, "Retention maps"),
+    0 at the padded entries (smask False): "lq" Z / n(Z), "softmax" KL_SCALE * softmax over KL_AXIS
+    ("key": each column over the rows, "value": each row over the columns, "all"), "sigmoid", or
+    "soft_threshold" S_gamma(Z) = Z - clamp(Z, -gamma, gamma) (gamma a scalar or [1, BV])."""
+    if MAP == "lq":
+        w = z * _step_lq_rnorm(z, LQ_Q, LQ_QI, LQ_PW, LQ_EPS, LQ_R0)
+    elif MAP == "softmax":
+        # padded entries hold a large negative logit and are zeroed after the exp: a padded row or
+        # column sums to 0, and reads 0 (never 0 / 0)
+        zm = tl.where(smask, z, -1e30)
+        if KL_AXIS == "key":
+            e = tl.where(smask, tl.exp(zm - tl.max(zm, axis=0)[None, :]), 0.0)
+            s = tl.sum(e, axis=0)[None, :]
+        elif KL_AXIS == "value":
+            e = tl.where(smask, tl.exp(zm - tl.max(zm, axis=1)[:, None]), 0.0)
+            s = tl.sum(e, axis=1)[:, None]
+        else:
+            e = tl.where(smask, tl.exp(zm - tl.max(tl.max(zm, axis=1), axis=0)), 0.0)
+            s = tl.sum(tl.sum(e, axis=1), axis=0)
+        w = KL_SCALE * e / tl.where(s > 0.0, s, 1.0)
+    elif MAP == "sigmoid":
+        w = tl.where(smask, tl.sigmoid(z), 0.0)
+    else:
+        w = z - tl.minimum(tl.maximum(z, -gamma), gamma)
+    return w
