@@ -35,8 +35,8 @@ def _plans(stem: str, replace: tuple[str, str] | None = None):
                  id="titans-mlp"),
     pytest.param("moneta", ("lq(q=4)", "lq(q=4, norm=token)"), "mlp", False,
                  "the fused decode step covers matrix memories only", id="moneta-token-mlp"),
-    pytest.param("moneta", None, None, False, "lq(norm=chunk) has no triton kernel yet; it runs on the torch backend",
-                 id="moneta-chunk-refused"),
+    pytest.param("moneta", None, "mlp", False, "the fused decode step covers matrix memories only",
+                 id="moneta-chunk-mlp"),
     pytest.param("memora", None, None, False, "the retention map 'softmax' has no triton kernel for MLP memories",
                  id="memora-refused"),
 ])
