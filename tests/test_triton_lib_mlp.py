@@ -628,19 +628,20 @@ def kappa_kernel(scr_ptr, E_ptr, out_ptr, ib, sb, nb, dsb, BT: tl.constexpr, DM:
 """
 
 
-def test_lq_kappa(tmp_path):
-    """kap = dsb - (<dz, z> + <dd_(l-1) act'(z_(l-1)), dt_(l-1)>) ib n'(s_b)."""
+@pytest.mark.parametrize("dsb", [None, 0.3])
+def test_lq_kappa(dsb, tmp_path):
+    """kap = [dsb] - (<dz, z> + <dd_(l-1) act'(z_(l-1)), dt_(l-1)>) ib n'(s_b)."""
     mod = _lib(["_lq_kappa"], _KAPPA, tmp_path)
     DOUT, X, q, eps = 24, 32, 4.0, 1e-3
     scr = _slots(5)
     E = torch.rand(BT, generator=G) + 0.5
     out = torch.zeros(1)
-    sb, ib, dsb = 2.5, 0.8, 0.3
+    sb, ib = 2.5, 0.8
     nb = sb ** ((q - 2) / q)
     mod.kappa_kernel[(1,)](scr, E, out, ib, sb, nb, dsb, BT, DM, DOUT, X, BD, (q - 2) / q, eps)
     gz = (scr[0, :, :DOUT] * scr[1, :, :DOUT]).sum() + (scr[2, :, :X] * _tanh_d(scr[3, :, :X]) * scr[4, :, :X]).sum()
     dnorm = (q - 2) / q * nb / sb
-    torch.testing.assert_close(out[0], dsb - gz * ib * dnorm, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[0], (dsb or 0.0) - gz * ib * dnorm, rtol=1e-5, atol=1e-6)
 
 
 _CHUNK_NORMS = """

@@ -444,9 +444,10 @@ def _weight_grad_layer(w, m, gw, gm, go, gmo, h_src, a_src, dp_src, dz_src, dd_p
                 gb += _mm(tl.trans(uu), dlt, LOWP)
             acc = e * gwt + _mm(tl.trans(hh * E[:, None]), dpo, LOWP)
             if ib is not None:
-                acc += gb * ib + kap * _lq_pow_grad(wt, LQ_Q, LQ_QI)
+                glq = gb * ib + kap * _lq_pow_grad(wt, LQ_Q, LQ_QI)
                 if not LQ_CHUNK:
-                    acc += _ldw(go, i0 + rd, o0 + rd, DIN, DOUT)
+                    glq += _ldw(go, i0 + rd, o0 + rd, DIN, DOUT)
+                acc += glq
             else:
                 acc += gb
             _stw(go, acc, i0 + rd, o0 + rd, DIN, DOUT)
@@ -633,10 +634,10 @@ def _lq_kappa(dz, za, dd_prev, za_prev, dt_prev, E, ib, sb, nb, dsb, zero, rd, D
               X: tl.constexpr, BD: tl.constexpr, RETAINED: tl.constexpr, PW: tl.constexpr,
               EPS: tl.constexpr):
     """The lq map's part of dL/dZ_b of W_l: the base pass ran at W_b = Z_b / n(Z_b), so dL/dZ_b gets
-    kap q sign(Z_b) |Z_b|^(q-1) with kap = dsb - <dL/dW_b, Z_b> n'(s_b) / n_b^2, dsb: dL/ds_b from the
-    read-out (norm=chunk, _lq_chunk_vjp; else zero). <dL/dW_b, Z_b> comes from the rows (z_l = a Z_b / n_b
-    from slots dz, za; for l > 1 also dt_(l-1) = d Z_b^T / n_b against u = dL/dd_(l-1) act'(z_(l-1)) from
-    slots dd_prev, za_prev, dt_prev, where dd_prev is not None)."""
+    kap q sign(Z_b) |Z_b|^(q-1) with kap = -<dL/dW_b, Z_b> n'(s_b) / n_b^2 (+ dsb, dL/ds_b from the
+    read-out, where dsb is not None: norm=chunk's _lq_chunk_vjp). <dL/dW_b, Z_b> comes from the rows
+    (z_l = a Z_b / n_b from slots dz, za; for l > 1 also dt_(l-1) = d Z_b^T / n_b against u =
+    dL/dd_(l-1) act'(z_(l-1)) from slots dd_prev, za_prev, dt_prev, where dd_prev is not None)."""
     gz = zero
     for o0 in range(0, DOUT, BD):
         dzo = _ld(dz, o0 + rd, DOUT)
@@ -645,7 +646,10 @@ def _lq_kappa(dz, za, dd_prev, za_prev, dt_prev, E, ib, sb, nb, dsb, zero, rd, D
         for i0 in range(0, X, BD):
             uu = _delta(dd_prev, za_prev, E, i0 + rd, X, False, RETAINED)
             gz += tl.sum(tl.sum(uu * _ld(dt_prev, i0 + rd, X), axis=1), axis=0)
-    return dsb - gz * ib * _lq_dnorm(sb, nb, PW, EPS)
+    kap = -gz * ib * _lq_dnorm(sb, nb, PW, EPS)
+    if dsb is not None:
+        kap += dsb
+    return kap
 
 
 @triton.jit
