@@ -8,10 +8,10 @@ kernel that records its launch instead of running it. Each recorded launch is bo
 specialization, constexprs and options), then compiled for sm_90 by triton.compile. Configurations:
 head dims K = V = 64 (and 128 for matrix memories; --dims picks others), the spec's chunk size (plus 64 and 1 for matrix
 memories), bf16 and fp32 inputs (LOWP as the launchers choose it); step() at a chunk's first token and
-inside a chunk. Identical compilations of a layer are listed once. An example with no Triton kernels
-because of its lq(norm=chunk) retention (Moneta) is compiled as its lq(..., norm=token) variant instead,
-the rule the MLP kernels implement, listed as <stem>-token. --spec FILE adds a spec outside examples/
-(e.g. an MLP variant), compiled the same way.
+inside a chunk. Identical compilations of a layer are listed once. A spec with lq(norm=chunk) retention
+(the default; Moneta) is compiled as it is and as its lq(..., norm=token) variant, listed as <stem>-token
+(the MLP kernels' two lq rules). --spec FILE adds a spec outside examples/ (e.g. an MLP variant),
+compiled the same way.
 
 Prints a markdown table: compile result (or the error's first line), seconds, shared memory (flagged
 over the H100's 232448 bytes per block), registers and spill bytes (ptxas -v). Exits 1 if a kernel
@@ -118,7 +118,15 @@ def record(module, ir, K: int, dtype: torch.dtype, chunk: int) -> list:
     return calls
 
 
-LQ_CHUNK = re.compile(r"\blq\(((?:(?!norm)[^)])*)\)")  # lq(...) without norm=: norm=chunk, no kernel
+LQ_CHUNK = re.compile(r"\blq\(((?:(?!norm)[^)])*)\)")  # lq(...) without norm=: norm=chunk
+
+
+def variants(path: Path):
+    """(stem, spec text) of a spec file, then of its lq(norm=token) variant where it has lq(norm=chunk)."""
+    text = path.read_text()
+    yield path.stem, text
+    if LQ_CHUNK.search(text):
+        yield f"{path.stem}-token", LQ_CHUNK.sub(r"lq(\1, norm=token)", text)
 
 
 def collect(only: str | None, dims: list[int], dtypes: list[str], chunk_list: list[int] | None,
@@ -126,16 +134,13 @@ def collect(only: str | None, dims: list[int], dtypes: list[str], chunk_list: li
     """Fill JOBS with one entry per distinct (layer, kernel compilation); mlp_configs replaces the MLP
     modules' launch settings (_MLP_FWD_CONFIG / _MLP_BWD_CONFIG); extra: more spec files."""
     out = Path(tempfile.mkdtemp(prefix="check_sm90_src_"))
-    for path in [*sorted((ROOT / "examples").glob("*.miras")), *map(Path, extra or [])]:
-        stem, text = path.stem, path.read_text()
-        if only and only not in (stem, f"{stem}-token") and not only.endswith(KERNEL_SUFFIX):
+    specs = [*sorted((ROOT / "examples").glob("*.miras")), *map(Path, extra or [])]
+    for path, (stem, text) in ((p, v) for p in specs for v in variants(p)):
+        if only and only not in (path.stem, stem) and not only.endswith(KERNEL_SUFFIX):
             continue
-        module, ir = import_spec(text, str(path), out, "_check_sm90_")
+        module, ir = import_spec(text, str(path), out, "_check_sm90_token_" if stem.endswith("-token")
+                                 else "_check_sm90_")
         names = kernel_names(module)
-        if not names and ir.memory.kind == "mlp" and LQ_CHUNK.search(text):  # refused: lq(norm=chunk)
-            stem, text = f"{stem}-token", LQ_CHUNK.sub(r"lq(\1, norm=token)", text)
-            module, ir = import_spec(text, str(path), out, "_check_sm90_token_")
-            names = kernel_names(module)
         module._kernel_names = names
         if only and only not in (path.stem, stem, *names):
             continue

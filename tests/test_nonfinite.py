@@ -74,11 +74,12 @@ def test_nan_and_inf_stay_causal_on_triton(compiled_examples, name):
         _check(o, final, learnable, *_run(module, ir, "triton", where, None, 16)[:2])
 
 
-def test_nan_stays_in_its_mlp_head_on_triton(tmp_path):
-    """Moneta with lq(norm=token), the rule the MLP kernels implement."""
-    text = (ROOT / "examples" / "moneta.miras").read_text().replace("lq(q=4)", "lq(q=4, norm=token)")
+@pytest.mark.parametrize("norm", ["chunk", "token"])
+def test_nan_stays_in_its_mlp_head_on_triton(tmp_path, norm):
+    """Moneta on the MLP kernels, with lq(norm=chunk) as shipped and with lq(norm=token)."""
+    text = (ROOT / "examples" / "moneta.miras").read_text().replace("lq(q=4)", f"lq(q=4, norm={norm})")
     compiled = compile_spec(text, "moneta.miras")
-    module, ir = import_source(compiled.source, "_nonfinite_moneta_token", tmp_path), compiled.ir
+    module, ir = import_source(compiled.source, f"_nonfinite_moneta_{norm}", tmp_path), compiled.ir
     o, final, _ = _run(module, ir, "triton", "v", float("nan"), 16)
     _check(o, final, False, *_run(module, ir, "triton", "v", None, 16)[:2])
 

@@ -25,24 +25,47 @@ def _spec_ir(memory: str, retention: str, algorithm: str, decls=("gate eta : hea
 
 
 def _moneta_token():
-    """Moneta with lq(norm=token), the rule the MLP kernels implement (the default norm=chunk is refused)."""
+    """Moneta with lq(norm=token): every token's read-out divides by its own state's norm."""
     text = (ROOT / "examples" / "moneta.miras").read_text().replace("lq(q=4)", "lq(q=4, norm=token)")
     return compile_spec(text, "moneta.miras").ir
 
 
 def test_moneta_plan():
-    """Moneta: depth 2, gelu, LN, residual, decay + lq(q=4): one fused forward (the norm needs whole
-    weight matrices, so no split heads), the lq constants as integers' products."""
-    plan = plan_mlp(_moneta_token())
+    """Moneta as shipped: depth 2, gelu, LN, residual, decay + lq(q=4) with norm=chunk (the default): one
+    fused forward (the norm needs whole weight matrices, so no split heads), the lq constants as integers'
+    products, the base and chunk-end norms (no per-token norm passes)."""
+    plan = plan_mlp(_ir("moneta"))
     assert isinstance(plan, MlpPlan)
     assert (plan.depth, plan.act, plan.norm, plan.residual, plan.momentum) == (2, "gelu", True, True, False)
-    assert plan.lq is not None and (plan.lq.q, plan.lq.qi, plan.lq.pw, plan.lq.at0) == (4.0, 4, 0.5, 0.0)
+    assert plan.lq is not None
+    assert (plan.lq.q, plan.lq.qi, plan.lq.pw, plan.lq.at0, plan.lq.chunk) == (4.0, 4, 0.5, 0.0, True)
     assert not plan.sliceable and not plan.split_forward and not plan.retained
     assert plan.kernels == ("_mlp_fwd_kernel", "_mlp_bwd_kernel")
     assert [(l.din, l.dout, l.off) for l in plan.layers] == [("K", "X", "0"), ("X", "V", "K * X")]
     assert "p1" in plan.bwd_slots and "za2" in plan.bwd_slots  # the read-out is recomputed
     assert plan.hidden_slots == ("za1", "dt1", "p1", "dp1", "da1", "dd1", "dz1")
-    assert "def _lq_norms_vjp" in plan.library_src and "def _head_sum" not in plan.library_src
+    lib = plan.library_src
+    assert "def _lq_chunk_end" in lib and "def _lq_chunk_vjp" in lib and "def _head_sum" not in lib
+    assert "def _lq_token_norms" not in lib and "def _lq_norms_vjp" not in lib
+
+
+def test_moneta_token_plan():
+    """lq(norm=token): the same kernels with the per-token norm passes instead of the chunk end's."""
+    plan = plan_mlp(_moneta_token())
+    assert isinstance(plan, MlpPlan) and plan.lq is not None and not plan.lq.chunk
+    assert plan.kernels == ("_mlp_fwd_kernel", "_mlp_bwd_kernel")
+    lib = plan.library_src
+    assert "def _lq_token_norms" in lib and "def _lq_norms_vjp" in lib and "def _lq_chunk_end" not in lib
+
+
+@pytest.mark.parametrize("norm", ["", ", norm=chunk"])
+def test_lq_chunk_planned(norm):
+    """lq(norm=chunk), the default, is planned (no refusal) with momentum and at depth 1 and 3."""
+    for memory, algorithm in [("mlp(depth=1, expansion=1, act=gelu, residual=true, norm=true)", "gd(lr=eta, chunk=1)"),
+                              ("mlp(depth=3, expansion=2, act=silu, residual=false, norm=false)",
+                               "momentum(beta=0.9, lr=eta, chunk=64)")]:
+        plan = plan_mlp(_spec_ir(memory, f"decay(0.9) + lq(q=3{norm})", algorithm))
+        assert isinstance(plan, MlpPlan) and plan.lq is not None and plan.lq.chunk and plan.lq.qi == 3
 
 
 def test_titans_plan():

@@ -35,8 +35,7 @@ _NO_STEP = "the fused decode step covers matrix memories only"
     pytest.param("quantile", None, "linear", True, "", "", id="quantile-momentum-linear-and-step"),
     pytest.param("titans", None, "mlp", False, "", _NO_STEP, id="titans-mlp"),
     pytest.param("moneta", ("lq(q=4)", "lq(q=4, norm=token)"), "mlp", False, "", _NO_STEP, id="moneta-token-mlp"),
-    pytest.param("moneta", None, None, False, "lq(norm=chunk) has no triton kernel yet; it runs on the torch backend",
-                 _NO_STEP, id="moneta-chunk-refused"),
+    pytest.param("moneta", None, "mlp", False, "", _NO_STEP, id="moneta-chunk-mlp"),
     pytest.param("memora", None, None, False, "the retention map 'softmax' has no triton kernel for MLP memories",
                  _NO_STEP, id="memora-refused"),
 ])

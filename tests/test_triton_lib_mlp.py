@@ -493,7 +493,7 @@ _WEIGHT_GRAD = """
 @triton.jit
 def weight_grad_kernel(w_ptr, m_ptr, gw_ptr, gm_ptr, go_ptr, gmo_ptr, scr_ptr, E_ptr, Mm_ptr, out_ptr, e, MmL, bcL,
                        ib, kap, BT: tl.constexpr, DM: tl.constexpr, DIN: tl.constexpr, DOUT: tl.constexpr,
-                       BD: tl.constexpr, MOM: tl.constexpr, LQ: tl.constexpr):
+                       BD: tl.constexpr, MOM: tl.constexpr, LQ: tl.constexpr, LQC: tl.constexpr):
 """ + _SETUP + """
     zero = tl.sum(tl.zeros([BT], dtype=tl.float32), axis=0)
     # slots: 0 h_(l-1) pre-activations, 1 a_(l-1) pre-activations, 2 dp_l, 3 dz_l, 4 dd_(l-1), 5 dt_l, 6 z_l
@@ -503,28 +503,29 @@ def weight_grad_kernel(w_ptr, m_ptr, gw_ptr, gm_ptr, go_ptr, gmo_ptr, scr_ptr, E
             w_ptr, m_ptr, gw_ptr, gm_ptr, go_ptr, gmo_ptr, s0, s0 + BT * DM, s0 + 2 * BT * DM, s0 + 3 * BT * DM,
             s0 + 4 * BT * DM, s0 + BT * DM, s0 + 5 * BT * DM, s0 + 6 * BT * DM, rt, tmask, E, Mm, e, MmL, bcL,
             None, None, zero, zero, zero, rd, 0, DIN, 0, DOUT, DIN, DOUT, BT, BD, 0, False, False, False, None,
-            None)
+            None, None)
         tl.store(out_ptr + 1, dMmL)
         tl.store(out_ptr + 2, dbcL)
     elif LQ:
         de, _a, _b = _weight_grad_layer(
             w_ptr, None, gw_ptr, None, go_ptr, None, s0, s0 + BT * DM, s0 + 2 * BT * DM, s0 + 3 * BT * DM,
             s0 + 4 * BT * DM, s0 + BT * DM, s0 + 5 * BT * DM, s0 + 6 * BT * DM, rt, tmask, E, None, e, None, None,
-            ib, kap, zero, None, None, rd, 0, DIN, 0, DOUT, DIN, DOUT, BT, BD, 0, False, False, False, 3.0, 3)
+            ib, kap, zero, None, None, rd, 0, DIN, 0, DOUT, DIN, DOUT, BT, BD, 0, False, False, False, 3.0, 3, LQC)
     else:
         de, _a, _b = _weight_grad_layer(
             w_ptr, None, gw_ptr, None, go_ptr, None, s0, s0 + BT * DM, s0 + 2 * BT * DM, s0 + 3 * BT * DM,
             s0 + 4 * BT * DM, s0 + BT * DM, s0 + 5 * BT * DM, s0 + 6 * BT * DM, rt, tmask, E, None, e, None, None,
             None, None, zero, None, None, rd, 0, DIN, 0, DOUT, DIN, DOUT, BT, BD, 0, False, False, False, None,
-            None)
+            None, None)
     tl.store(out_ptr, de)
 """
 
 
-@pytest.mark.parametrize("mom, lq", [(True, False), (False, True), (False, False)])
-def test_weight_grad_layer(mom, lq, tmp_path):
+@pytest.mark.parametrize("mom, lq, lqc", [(True, False, False), (False, True, False), (False, True, True),
+                                          (False, False, False)])
+def test_weight_grad_layer(mom, lq, lqc, tmp_path):
     """dL/dW_b = e gw + (h E)^T dp + a^T dz + u^T d (u = dd_(l-1) act'(z_(l-1)), d = dt_l act'(z_l)); with
-    lq, gb / n + kap q sign(W)|W|^(q-1) + what go held; with momentum dL/dm_b = bc_L gm - Mm_L gw - (h Mm)^T dp;
+    lq, gb / n + kap q sign(W)|W|^(q-1) + what go held (norm=token; not with norm=chunk, lqc); with momentum dL/dm_b = bc_L gm - Mm_L gw - (h Mm)^T dp;
     the sums <W, gw>, -<m, gw>, <m, gm>."""
     mod = _lib(["_weight_grad_layer"], _WEIGHT_GRAD, tmp_path)
     DIN, DOUT = 32, 24
@@ -537,13 +538,13 @@ def test_weight_grad_layer(mom, lq, tmp_path):
     out = torch.zeros(3)
     e, MmL, bcL, ib, kap = 0.9, 0.3, 0.8, 0.7, -0.2
     mod.weight_grad_kernel[(1,)](w, m, gw, gm, go, gmo, scr, E, Mm, out, e, MmL, bcL, ib, kap, BT, DM, DIN, DOUT, BD,
-                                 mom, lq)
+                                 mom, lq, lqc)
     h, a = torch.tanh(r[0, :, :DIN]), torch.tanh(r[1, :, :DIN])
     dp, dz = r[2, :, :DOUT], r[3, :, :DOUT]
     u = r[4, :, :DIN] * _tanh_d(r[1, :, :DIN])
     d = r[5, :, :DOUT] * _tanh_d(r[6, :, :DOUT])
     gb = a.T @ dz + u.T @ d
-    want = e * gw + (h * E[:, None]).T @ dp + (gb * ib + kap * 3 * w * w.abs() + go0 if lq else gb)
+    want = e * gw + (h * E[:, None]).T @ dp + (gb * ib + kap * 3 * w * w.abs() + (0 if lqc else go0) if lq else gb)
     torch.testing.assert_close(go, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out[0], (w * gw).sum(), rtol=1e-5, atol=1e-5)
     if mom:
@@ -617,18 +618,19 @@ def test_lq_passes_match_autograd(tmp_path):
 
 _KAPPA = """
 @triton.jit
-def kappa_kernel(scr_ptr, E_ptr, out_ptr, ib, sb, nb, BT: tl.constexpr, DM: tl.constexpr, DOUT: tl.constexpr,
+def kappa_kernel(scr_ptr, E_ptr, out_ptr, ib, sb, nb, dsb, BT: tl.constexpr, DM: tl.constexpr, DOUT: tl.constexpr,
                  X: tl.constexpr, BD: tl.constexpr, PW: tl.constexpr, EPS: tl.constexpr):
 """ + _SETUP + """
     zero = tl.sum(tl.zeros([BT], dtype=tl.float32), axis=0)
-    kap = _lq_kappa(s0, s0 + BT * DM, s0 + 2 * BT * DM, s0 + 3 * BT * DM, s0 + 4 * BT * DM, E, ib, sb, nb, zero, rd,
-                    DOUT, X, BD, False, PW, EPS)
+    kap = _lq_kappa(s0, s0 + BT * DM, s0 + 2 * BT * DM, s0 + 3 * BT * DM, s0 + 4 * BT * DM, E, ib, sb, nb, dsb,
+                    zero, rd, DOUT, X, BD, False, PW, EPS)
     tl.store(out_ptr, kap)
 """
 
 
-def test_lq_kappa(tmp_path):
-    """kap = -(<dz, z> + <dd_(l-1) act'(z_(l-1)), dt_(l-1)>) ib n'(s_b)."""
+@pytest.mark.parametrize("dsb", [None, 0.3])
+def test_lq_kappa(dsb, tmp_path):
+    """kap = [dsb] - (<dz, z> + <dd_(l-1) act'(z_(l-1)), dt_(l-1)>) ib n'(s_b)."""
     mod = _lib(["_lq_kappa"], _KAPPA, tmp_path)
     DOUT, X, q, eps = 24, 32, 4.0, 1e-3
     scr = _slots(5)
@@ -636,7 +638,58 @@ def test_lq_kappa(tmp_path):
     out = torch.zeros(1)
     sb, ib = 2.5, 0.8
     nb = sb ** ((q - 2) / q)
-    mod.kappa_kernel[(1,)](scr, E, out, ib, sb, nb, BT, DM, DOUT, X, BD, (q - 2) / q, eps)
+    mod.kappa_kernel[(1,)](scr, E, out, ib, sb, nb, dsb, BT, DM, DOUT, X, BD, (q - 2) / q, eps)
     gz = (scr[0, :, :DOUT] * scr[1, :, :DOUT]).sum() + (scr[2, :, :X] * _tanh_d(scr[3, :, :X]) * scr[4, :, :X]).sum()
     dnorm = (q - 2) / q * nb / sb
-    torch.testing.assert_close(out[0], -gz * ib * dnorm, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[0], (dsb or 0.0) - gz * ib * dnorm, rtol=1e-5, atol=1e-6)
+
+
+_CHUNK_NORMS = """
+@triton.jit
+def chunk_norms_kernel(we_ptr, gw_ptr, scr_ptr, E_ptr, dn_ptr, out_ptr, sb, nb, END: tl.constexpr,
+                       BT: tl.constexpr, DM: tl.constexpr, DIN: tl.constexpr, DOUT: tl.constexpr, BD: tl.constexpr, Q: tl.constexpr,
+                       QI: tl.constexpr, PW: tl.constexpr, EPS: tl.constexpr):
+""" + _SETUP + """
+    zero = tl.sum(tl.zeros([BT], dtype=tl.float32), axis=0)
+    isend = rt == END
+    s, n = _lq_chunk_end(we_ptr, s0, isend, sb, nb, zero, rd, DIN, DOUT, BD, Q, QI, PW, 0.0, EPS)
+    tl.store(out_ptr + rt, s)
+    tl.store(out_ptr + BT + rt, n)
+    dsb = _lq_chunk_vjp(we_ptr, gw_ptr, isend, s, n, tl.load(dn_ptr + rt), rd, DIN, DOUT, BD, Q, QI, PW, EPS)
+    tl.store(out_ptr + 2 * BT, dsb)
+"""
+
+
+@pytest.mark.parametrize("end", [BT - 1, -1])
+def test_lq_chunk_end_and_vjp(end, tmp_path):
+    """lq(norm=chunk): the chunk-ending row (end; -1: a partial chunk has none) of a read-out through n_b
+    is rescaled to read through n(Z_end), (s, n) per row are those of the state each row read, and the
+    backward of <dn, n> adds dL/dZ_end to gw (against autograd) and returns dL/ds_b of the other rows."""
+    mod = _lib(["_lq_chunk_end", "_lq_chunk_vjp"], _CHUNK_NORMS, tmp_path)
+    DIN, DOUT, q, eps = 32, 24, 3.0, 1e-3
+    pw = (q - 2) / q
+    we, gw0 = _rand(DIN, DOUT) / 4, _rand(DIN, DOUT)
+    gw = gw0.clone()
+    scr = _slots(1)
+    p0 = scr[0, :, :DOUT].clone()
+    dn = _rand(BT)
+    sb = 2.5
+    nb = sb ** pw
+    out = torch.zeros(2 * BT + 1)
+    mod.chunk_norms_kernel[(1,)](we, gw, scr, torch.ones(BT), dn, out, sb, nb, end, BT, DM, DIN, DOUT, BD, q, 3, pw,
+                                 eps)
+    zz = we.double().requires_grad_()
+    se = (zz.abs() ** q).sum()
+    ne = (se ** pw).clamp_min(eps)
+    is_end = torch.arange(BT) == end
+    want_p = torch.where(is_end[:, None], p0 * nb / ne.item(), p0)
+    torch.testing.assert_close(scr[0, :, :DOUT], want_p.float(), rtol=1e-5, atol=1e-6)
+    base = torch.tensor([sb, nb], dtype=torch.float64)
+    torch.testing.assert_close(out[:BT].double(), torch.where(is_end, se.detach(), base[0]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[BT:2 * BT].double(), torch.where(is_end, ne.detach(), base[1]), rtol=1e-5,
+                               atol=1e-6)
+    (g,) = torch.autograd.grad((dn.double() * is_end).sum() * ne, [zz])
+    torch.testing.assert_close(gw.double(), gw0.double() + g, rtol=1e-4, atol=1e-5)
+    sbt = torch.tensor(sb, dtype=torch.float64, requires_grad=True)
+    (gsb,) = torch.autograd.grad((dn.double() * ~is_end).sum() * (sbt ** pw).clamp_min(eps), [sbt])
+    torch.testing.assert_close(out[2 * BT].double(), gsb, rtol=1e-5, atol=1e-6)

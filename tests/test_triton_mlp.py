@@ -109,16 +109,46 @@ VARIANTS = {
 }
 
 
+# lq(norm=chunk), the default (docs/semantics.md, "Decision, Moneta"): a token reads through its chunk's
+# base norm, a whole chunk's last token through its own state's. q = 3 and 4, depth 1 and 2, with and
+# without decay, gd and momentum, chunks 1, 16 and 64 with partial last chunks, and packed sequences
+# (cu_seqlens: the chunk ends are per sequence; a sequence of exactly one chunk ends on a chunk end).
+LQ_CHUNK_CASES = {
+    "q4_depth2_decay_gd_c16": (_v("expansion=4, act=gelu, residual=true, norm=true", "lp(p=3)", [ETA, ALPHA],
+                                  "decay(alpha) + lq(q=4)", "gd(lr=eta, chunk=16)"), None),
+    "q4_depth2_decay_momentum_c16": (_v("expansion=2, act=gelu, residual=true, norm=true", "l2", [ETA, ALPHA, BETA],
+                                        "decay(alpha) + lq(q=4)", "momentum(beta=b, lr=eta, chunk=16)"),
+                                     [0, 16, 19, 40]),
+    "q4_depth2_gd_c64": (_v("expansion=2, act=gelu, residual=true, norm=true", "l2", [ETA], "lq(q=4)",
+                            "gd(lr=eta, chunk=64)", T=80), None),
+    "q4_depth1_decay_gd_c64": (_v("expansion=1, act=gelu, residual=true, norm=true", "lp(p=3)", [ETA, ALPHA],
+                                  "decay(alpha) + lq(q=4)", "gd(lr=eta, chunk=64)", depth=1), [0, 64, 70, 82]),
+    "q4_depth1_momentum_c16": (_v("expansion=1, act=gelu, residual=true, norm=true", "l2", [ETA, BETA], "lq(q=4)",
+                                  "momentum(beta=b, lr=eta, chunk=16)", T=37, depth=1, B=2), None),
+    "q3_depth1_gd_c1": (_v("expansion=1, act=gelu, residual=true, norm=true", "l2", [ETA], "lq(q=3)",
+                           "gd(lr=eta, chunk=1)", T=6, depth=1), None),
+    "q3_depth2_decay_gd_c1": (_v("expansion=2, act=tanh, residual=true, norm=true", "l2", [ETA, ALPHA],
+                                 "decay(alpha) + lq(q=3)", "gd(lr=eta, chunk=1)"), [0, 3, 7]),
+    "q3_depth2_decay_gd_c16": (_v("expansion=2, act=gelu, residual=true, norm=true", "lp(p=3)", [ETA, ALPHA],
+                                  "decay(alpha) + lq(q=3)", "gd(lr=eta, chunk=16)"), [0, 5, 21, 48]),
+    "q3_depth2_momentum_c64": (_v("expansion=2, act=silu, residual=false, norm=false", "l2", [ETA, BETA],
+                                  "lq(q=3)", "momentum(beta=b, lr=eta, chunk=64)", T=80), None),
+}
+
+
 def _compile(name, variant, tmp_path):
     return compile_module(variant.spec(name), f"{name}.miras", tmp_path, f"_mlp_{name}")
 
 
+def _moneta_token_text() -> str:
+    return (ROOT / "examples" / "moneta.miras").read_text().replace("lq(q=4)", "lq(q=4, norm=token)")
+
+
 def _example(compiled_examples, name, tmp_path):
-    """An example's (module, ir); Moneta with lq(norm=token), the rule the MLP kernels implement."""
-    if name != "moneta":
+    """An example's (module, ir); moneta_token: Moneta with lq(norm=token) (the example uses norm=chunk)."""
+    if name != "moneta_token":
         return compiled_examples[name]
-    text = (ROOT / "examples" / "moneta.miras").read_text().replace("lq(q=4)", "lq(q=4, norm=token)")
-    module, compiled = compile_module(text, "moneta_token.miras", tmp_path, "_mlp_moneta_token")
+    module, compiled = compile_module(_moneta_token_text(), "moneta_token.miras", tmp_path, "_mlp_moneta_token")
     return module, compiled.ir
 
 
@@ -147,14 +177,17 @@ def _returned_nones(source: str) -> tuple[list[str], set[str]]:
     return bad, set(returned)
 
 
-@pytest.mark.parametrize("name", [*VARIANTS, "titans", "moneta", "yaad", "ttt_linear"])
+@pytest.mark.parametrize("name", [*VARIANTS, *LQ_CHUNK_CASES, "titans", "moneta", "moneta_token", "yaad",
+                                  "ttt_linear"])
 def test_no_none_returned(name):
     """The MLP kernels pass a placeholder, never None, for a running sum that does not apply and that a
     helper returns (docs/kernels-mlp.md): checked on the generated source, without a GPU."""
-    if name in VARIANTS:
-        text = VARIANTS[name].spec(name)
+    if name in VARIANTS or name in LQ_CHUNK_CASES:
+        text = (VARIANTS.get(name) or LQ_CHUNK_CASES[name][0]).spec(name)
+    elif name == "moneta_token":
+        text = _moneta_token_text()
     else:
-        text = (ROOT / "examples" / f"{name}.miras").read_text().replace("lq(q=4)", "lq(q=4, norm=token)")
+        text = (ROOT / "examples" / f"{name}.miras").read_text()
     compiled = compile_spec(text, f"{name}.miras")
     assert "_mlp_bwd_kernel" in compiled.source
     bad, checked = _returned_nones(compiled.source)
@@ -214,6 +247,18 @@ def test_triton_mlp_matches_reference(name, tmp_path):
     # the Cauchy scale c drawn in (0.5, 5): a tiny c makes the loss (and its gradients ~1/c^3) ill-conditioned
     _compare(module, compiled.ir, variant.dtype, _chunk(compiled), variant.B, 2, K, V, T,
              seed=SEED + list(VARIANTS).index(name), scale={"c": 10.0})
+
+
+@pytest.mark.parametrize("name", list(LQ_CHUNK_CASES))
+def test_lq_chunk_matches_reference(name, tmp_path):
+    """lq(norm=chunk) on the kernels: outputs, final states and every gradient against the reference."""
+    variant, cu = LQ_CHUNK_CASES[name]
+    module, compiled = _compile(name, variant, tmp_path)
+    assert "_mlp_bwd_kernel" in compiled.source and "def _lq_chunk_end" in compiled.source
+    T = variant.T if cu is None else cu[-1]
+    _compare(module, compiled.ir, variant.dtype, _chunk(compiled), variant.B if cu is None else 1, 2, variant.K,
+             variant.V, T, seed=SEED + 400 + list(LQ_CHUNK_CASES).index(name),
+             cu_seqlens=None if cu is None else torch.tensor(cu))
 
 
 def _split_heads(module, K: int, V: int, chunk: int) -> None:
@@ -277,13 +322,14 @@ def test_yaad_example_on_the_kernels(compiled_examples, delta_scale):
 
 
 @pytest.mark.parametrize("example, chunk, T, dtype", [
-    ("moneta", 16, 40, torch.float32),  # decay + lq(q=4, norm=token): the norm of every token's own state
+    ("moneta", 16, 40, torch.float32),  # decay + lq(q=4), norm=chunk: a chunk's base norm, its end's own
+    ("moneta_token", 16, 40, torch.float32),  # lq(q=4, norm=token): the norm of every token's own state
     ("titans", 16, 40, torch.float32),  # momentum with decay
     ("titans", 64, 70, torch.bfloat16),  # its own chunk size, a ragged second chunk, bf16 inputs
     ("ttt_linear", 16, 40, torch.float32),  # depth 1: x + LN(x W)
 ])
 def test_examples_on_the_kernels(compiled_examples, example, chunk, T, dtype, tmp_path):
-    """examples/moneta.miras (with lq(norm=token)) and examples/titans.miras, at small head dims."""
+    """examples/moneta.miras (and its lq(norm=token) variant), titans and ttt_linear at small head dims."""
     module, ir = _example(compiled_examples, example, tmp_path)
     _compare(module, ir, dtype, chunk, 1, 2, 16, 16, T, seed=11)
 
@@ -294,10 +340,10 @@ def test_packed_sequences_on_the_kernels(compiled_examples):
     _compare(module, ir, torch.float32, 8, 1, 2, 16, 16, 22, seed=13, cu_seqlens=torch.tensor([0, 11, 14, 22]))
 
 
-@pytest.mark.parametrize("source", ["moneta_decay", "moneta", "titans"])
+@pytest.mark.parametrize("source", ["moneta_decay", "moneta", "moneta_token", "titans"])
 def test_prefill_then_decode(source, compiled_examples, tmp_path):
     """A triton prefill's final state continues exactly under step() (the torch decode path)."""
-    if source in compiled_examples:
+    if source not in VARIANTS:
         module, ir = _example(compiled_examples, source, tmp_path)
     else:
         module, compiled = _compile(f"decode_{source}", VARIANTS[source], tmp_path)
@@ -362,7 +408,6 @@ def test_triton_mlp_runtime_refusals(tmp_path):
 
 @pytest.mark.parametrize("example, why", [
     ("memora", "the retention map 'softmax' has no triton kernel"),
-    ("moneta", "lq(norm=chunk) has no triton kernel yet; it runs on the torch backend"),
 ])
 def test_uncovered_examples_are_refused(example, why):
     compiled = compile_spec((ROOT / "examples" / f"{example}.miras").read_text(), f"{example}.miras")
@@ -373,9 +418,8 @@ def test_uncovered_examples_are_refused(example, why):
 @pytest.mark.parametrize("example, split_forward", [("moneta", False), ("yaad", True), ("titans", False)])
 def test_covered_examples_carry_the_kernels(example, split_forward):
     """Every covered example has the backward kernel; gd on a depth-2 memory without lq (Yaad) runs its
-    forward as the writes and the read-out, lq (Moneta with lq(norm=token)) and momentum (Titans) as one
-    fused kernel."""
-    text = (ROOT / "examples" / f"{example}.miras").read_text().replace("lq(q=4)", "lq(q=4, norm=token)")
+    forward as the writes and the read-out, lq (Moneta) and momentum (Titans) as one fused kernel."""
+    text = (ROOT / "examples" / f"{example}.miras").read_text()
     compiled = compile_spec(text, f"{example}.miras")
     assert "_mlp_bwd_kernel" in compiled.source
     assert ("def _mlp_write_kernel" in compiled.source) == split_forward
@@ -387,7 +431,6 @@ def test_covered_examples_carry_the_kernels(example, split_forward):
     ("lq(q=1.5)", "gd(lr=eta, chunk=16)", "lq retention with q < 2 has no triton kernel"),
     ("decay(0.9) + lq(q=4, norm=token)", "gd(lr=eta, chunk=16, at=retained)",
      "at=retained with a non-identity retention map has no triton kernel"),
-    ("decay(0.9) + lq(q=4)", "gd(lr=eta, chunk=16)", r"lq\(norm=chunk\) has no triton kernel yet"),
 ])
 def test_uncovered_specs_fall_back_to_torch(retention, algorithm, why, tmp_path):
     variant = _v("expansion=2, act=gelu, residual=true, norm=true", "l2", [ETA], retention, algorithm)

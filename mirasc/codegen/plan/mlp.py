@@ -44,6 +44,7 @@ class LqPlan:
     pw: float  # (q - 2) / q
     eps: float
     at0: float  # n at ||Z|| = 0 before the clamp: 0 for q > 2, 1 for q = 2
+    chunk: bool  # norm=chunk: a token reads through its chunk's base norm (its own at a chunk's end)
 
 
 @dataclass(frozen=True)
@@ -138,8 +139,6 @@ def _refusal(ir: LayerIR) -> str | None:
     if alg.at == "retained" and not _is_one(ret.alpha) and lq_map(ir):
         # the gradient point map(a_i Z_b) is then a per-token matrix, not a scaling of the base pass
         return "at=retained with a non-identity retention map has no triton kernel for MLP memories"
-    if lq_map(ir) and ret.norm == "chunk":
-        return "lq(norm=chunk) has no triton kernel yet; it runs on the torch backend"
     return None
 
 
@@ -177,13 +176,14 @@ def _launches(sliceable: bool, split_forward: bool) -> tuple[Launch, Launch | No
     return fwd, None, Launch(bx=64, bxf=32, xs=0, num_warps=8, num_stages=1)
 
 
-def _lq_plan(q: float, eps: float) -> LqPlan:
+def _lq_plan(q: float, eps: float, norm: str) -> LqPlan:
     qi = int(q) if q == int(q) and 2 <= q <= 8 else 0
-    return LqPlan(q=float(q), qi=qi, pw=(q - 2.0) / q, eps=float(eps), at0=0.0 if q > 2.0 else 1.0)
+    return LqPlan(q=float(q), qi=qi, pw=(q - 2.0) / q, eps=float(eps), at0=0.0 if q > 2.0 else 1.0,
+                  chunk=norm == "chunk")
 
 
 # The activation and its first two derivatives as Triton function bodies (a docstring, then the code).
-def _library(norm: bool, lq: bool, momentum: bool, sliceable: bool) -> str:
+def _library(norm: bool, lq: LqPlan | None, momentum: bool, sliceable: bool) -> str:
     """The source of the library functions the kernels of this variant call (and their callees)."""
     names = ["_mm", "_ld", "_st", "_ldk", "_ldw", "_stw", "_ld_rows", "_st_rows", "_mlp_tokens", "_chunk_rows",
              "_decay_coefs", "_at_last", "_row_at_last", "_dlog_gate", "_layer_product", "_delta_product",
@@ -191,7 +191,9 @@ def _library(norm: bool, lq: bool, momentum: bool, sliceable: bool) -> str:
     names += ["_momentum_coefs", "_momentum_gate_vjp"] if momentum else []
     names += ["_head_sum"] if sliceable else []
     names += ["_ln", "_ln_vjp", "_ln_vjp_vjp"] if norm else []
-    names += ["_lq_base_norm", "_lq_token_norms", "_lq_norms_vjp", "_lq_kappa"] if lq else []
+    if lq is not None:  # norm=chunk: the chunk end's norm; norm=token: every token's
+        names += ["_lq_base_norm", "_lq_kappa"] + (["_lq_chunk_end", "_lq_chunk_vjp"] if lq.chunk else
+                                                   ["_lq_token_norms", "_lq_norms_vjp"])
     # the library marks its calls of the activation (pasted beside it here) for linters; not needed here
     return re.sub(r"  # noqa: F821[^\n]*", "", triton_lib.source(names))
 
@@ -209,16 +211,17 @@ def plan_mlp(ir: LayerIR) -> MlpPlan | Refusal:
     fwd_slots, bwd_slots, hidden_slots = _slots(mem.depth, split_forward)
     fwd_launch, read_launch, bwd_launch = _launches(sliceable, split_forward)
     bias_params = bias_params_of(ir)
+    lq_plan = _lq_plan(ret.q, ret.eps, ret.norm) if lq else None
     return MlpPlan(
         depth=mem.depth, act=mem.act, norm=bool(mem.norm), residual=bool(mem.residual),
         layers=_layers(mem.depth), momentum=momentum,
         retained=alg.at == "retained" and not _is_one(ret.alpha),
-        lq=_lq_plan(ret.q, ret.eps) if lq else None,
+        lq=lq_plan,
         eta_channel=eta_is_channel(ir),
         bias_params=bias_params,
         bias_src=bias_functions(ir, bias_params),
         activation_src=triton_activation_source(mem.act),
-        library_src=_library(bool(mem.norm), lq, momentum, sliceable),
+        library_src=_library(bool(mem.norm), lq_plan, momentum, sliceable),
         sliceable=sliceable, split_forward=split_forward,
         fwd_slots=fwd_slots, bwd_slots=bwd_slots, hidden_slots=hidden_slots,
         fwd_launch=fwd_launch, read_launch=read_launch, bwd_launch=bwd_launch,

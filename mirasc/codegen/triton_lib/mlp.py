@@ -417,11 +417,13 @@ def _weight_grad_layer(w, m, gw, gm, go, gmo, h_src, a_src, dp_src, dz_src, dd_p
                        tmask, E, Mm, e, MmL, bcL, ib, kap, de, dMmL, dbcL, rd, i_lo, i_hi, o_lo, o_hi,
                        DIN: tl.constexpr, DOUT: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
                        LOWP: tl.constexpr, INPUT: tl.constexpr, LAST: tl.constexpr,
-                       RETAINED: tl.constexpr, LQ_Q: tl.constexpr, LQ_QI: tl.constexpr):
+                       RETAINED: tl.constexpr, LQ_Q: tl.constexpr, LQ_QI: tl.constexpr,
+                       LQ_CHUNK: tl.constexpr):
     """dL/dW_b of W_l at the chunk's start into go (and dL/dm_b into gmo where m is not None): the state
     update's e dL/dW_end, the read-out's (h E)^T dp and the base pass's a^T dz [+ u^T d_l, u = dL/dd_(l-1)
     act'(z_(l-1)) from slots dd_prev, za_prev]; with the lq map (ib = 1 / n(Z_b) not None) through
-    W_b = Z_b / n(Z_b), added to what the norms' backward left in go / gmo. Returns the sums (de, dMmL,
+    W_b = Z_b / n(Z_b), added to what the token norms' backward left in go / gmo (norm=token; with
+    LQ_CHUNK, norm=chunk, the norms' part is in kap and in gw already). Returns the sums (de, dMmL,
     dbcL) of <W_b, dL/dW_end>, -<m_b, dL/dW_end> and <m_b, dL/dm_end> (the gates' gradients); without
     momentum dMmL and dbcL come back as passed (a scalar placeholder: a tuple cannot return None)."""
     for i0 in range(i_lo, i_hi, BD):
@@ -442,8 +444,10 @@ def _weight_grad_layer(w, m, gw, gm, go, gmo, h_src, a_src, dp_src, dz_src, dd_p
                 gb += _mm(tl.trans(uu), dlt, LOWP)
             acc = e * gwt + _mm(tl.trans(hh * E[:, None]), dpo, LOWP)
             if ib is not None:
-                acc += gb * ib + kap * _lq_pow_grad(wt, LQ_Q, LQ_QI) + _ldw(go, i0 + rd, o0 + rd, DIN,
-                                                                             DOUT)
+                glq = gb * ib + kap * _lq_pow_grad(wt, LQ_Q, LQ_QI)
+                if not LQ_CHUNK:
+                    glq += _ldw(go, i0 + rd, o0 + rd, DIN, DOUT)
+                acc += glq
             else:
                 acc += gb
             _stw(go, acc, i0 + rd, o0 + rd, DIN, DOUT)
@@ -454,7 +458,7 @@ def _weight_grad_layer(w, m, gw, gm, go, gmo, h_src, a_src, dp_src, dz_src, dd_p
                 dMmL -= tl.sum(tl.sum(mt * gwt, axis=1), axis=0)
                 dbcL += tl.sum(tl.sum(mt * gmt, axis=1), axis=0)
                 accm = bcL * gmt - MmL * gwt - _mm(tl.trans(hh * Mm[:, None]), dpo, LOWP)
-                if ib is not None:
+                if ib is not None and not LQ_CHUNK:
                     accm += _ldw(gmo, i0 + rd, o0 + rd, DIN, DOUT)
                 _stw(gmo, accm, i0 + rd, o0 + rd, DIN, DOUT)
     return de, dMmL, dbcL
@@ -626,12 +630,13 @@ def _lq_norms_vjp(w, m, a_src, dt, za, fa, fb, row, tmask, E, C, Mm, dd, da, go,
 
 
 @triton.jit
-def _lq_kappa(dz, za, dd_prev, za_prev, dt_prev, E, ib, sb, nb, zero, rd, DOUT: tl.constexpr,
+def _lq_kappa(dz, za, dd_prev, za_prev, dt_prev, E, ib, sb, nb, dsb, zero, rd, DOUT: tl.constexpr,
               X: tl.constexpr, BD: tl.constexpr, RETAINED: tl.constexpr, PW: tl.constexpr,
               EPS: tl.constexpr):
     """The lq map's part of dL/dZ_b of W_l: the base pass ran at W_b = Z_b / n(Z_b), so dL/dZ_b gets
-    kap q sign(Z_b) |Z_b|^(q-1) with kap = -<dL/dW_b, Z_b> n'(s_b) / n_b^2. <dL/dW_b, Z_b> comes from the
-    rows (z_l = a Z_b / n_b from slots dz, za; for l > 1 also dt_(l-1) = d Z_b^T / n_b against u =
+    kap q sign(Z_b) |Z_b|^(q-1) with kap = -<dL/dW_b, Z_b> n'(s_b) / n_b^2 (+ dsb, dL/ds_b from the
+    read-out, where dsb is not None: norm=chunk's _lq_chunk_vjp). <dL/dW_b, Z_b> comes from the rows
+    (z_l = a Z_b / n_b from slots dz, za; for l > 1 also dt_(l-1) = d Z_b^T / n_b against u =
     dL/dd_(l-1) act'(z_(l-1)) from slots dd_prev, za_prev, dt_prev, where dd_prev is not None)."""
     gz = zero
     for o0 in range(0, DOUT, BD):
@@ -641,7 +646,44 @@ def _lq_kappa(dz, za, dd_prev, za_prev, dt_prev, E, ib, sb, nb, zero, rd, DOUT: 
         for i0 in range(0, X, BD):
             uu = _delta(dd_prev, za_prev, E, i0 + rd, X, False, RETAINED)
             gz += tl.sum(tl.sum(uu * _ld(dt_prev, i0 + rd, X), axis=1), axis=0)
-    return -gz * ib * _lq_dnorm(sb, nb, PW, EPS)
+    kap = -gz * ib * _lq_dnorm(sb, nb, PW, EPS)
+    if dsb is not None:
+        kap += dsb
+    return kap
+
+
+@triton.jit
+def _lq_chunk_end(we, dst, isend, sb, nb, zero, rd, DIN: tl.constexpr, DOUT: tl.constexpr,
+                  BD: tl.constexpr, Q: tl.constexpr, QI: tl.constexpr, PW: tl.constexpr,
+                  AT0: tl.constexpr, EPS: tl.constexpr):
+    """lq(norm=chunk) on W_l after its read-out through n(Z_b) (slot dst: p_l = (h Z_i) / n_b for every
+    token): the token that ends a whole chunk (isend) reads its own state, Z_end / n(Z_end), so its row of
+    dst is scaled by n_b / n(Z_end), Z_end = the chunk's end state at `we` (docs/semantics.md, "Decision,
+    Moneta"). Returns (s, n) [BT]: ||Z||_q^q and n(Z) of the state whose norm each token read."""
+    se, ne, _ie = _lq_base_norm(we, zero, rd, DIN, DOUT, BD, Q, QI, PW, AT0, EPS)
+    r = tl.where(isend, nb / ne, 1.0)
+    for o0 in range(0, DOUT, BD):
+        _st(dst, o0 + rd, _ld(dst, o0 + rd, DOUT) * r[:, None], DOUT)
+    tl.debug_barrier()
+    return tl.where(isend, se, sb), tl.where(isend, ne, nb)
+
+
+@triton.jit
+def _lq_chunk_vjp(we, gw, isend, s, n, dn, rd, DIN: tl.constexpr, DOUT: tl.constexpr, BD: tl.constexpr,
+                  Q: tl.constexpr, QI: tl.constexpr, PW: tl.constexpr, EPS: tl.constexpr):
+    """The backward of lq(norm=chunk)'s norms of W_l (s, n: _lq_chunk_end's) at dL/dn = dn [BT]: the
+    chunk-ending token's n(Z_end) adds ds_e q sign(Z_end) |Z_end|^(q-1) to dL/dZ_end (gw, before the
+    read-out's backward and the weight sweep read it: Z_end is the state update's result, at `we`).
+    Returns dL/ds_b, the sum over the tokens that read n(Z_b) (to _lq_kappa)."""
+    ds = dn * _lq_dnorm(s, n, PW, EPS)
+    dse = tl.sum(tl.where(isend, ds, 0.0), axis=0)
+    for i0 in range(0, DIN, BD):
+        for o0 in range(0, DOUT, BD):
+            g = _ldw(gw, i0 + rd, o0 + rd, DIN, DOUT)
+            g += dse * _lq_pow_grad(_ldw(we, i0 + rd, o0 + rd, DIN, DOUT), Q, QI)
+            _stw(gw, g, i0 + rd, o0 + rd, DIN, DOUT)
+    tl.debug_barrier()
+    return tl.sum(tl.where(isend, 0.0, ds), axis=0)
 
 
 @triton.jit
