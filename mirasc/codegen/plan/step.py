@@ -93,6 +93,8 @@ def plan_step(ir: LayerIR) -> StepPlan | Refusal:
     why = refusal_reason(ir)
     if why is not None:
         return Refusal(why)
+    if ir.retention.effective_map != "id":
+        return Refusal("the fused decode step does not cover retention maps yet")
     if ir.algorithm.kind != "gd":
         return Refusal("the fused decode step does not cover momentum yet")
     lr = _operand(ir, ir.algorithm.lr)
