@@ -25,7 +25,8 @@ class LinearLaunch:
     tiling: how chunks map to tiles: "fixed" (64-token tiles whatever the chunk: the bias gradient ignores
     y), "wy" (chunks under 16 tokens share a 64-token tile for half-precision inputs with K <= 128, else a
     16-token one, solved as one triangular system), "substitute" (chunks under 16 tokens share a 16-token
-    tile, solved by forward substitution).
+    tile, solved by forward substitution), "segment" (the map kernels: the state is stored every
+    max(16, chunk) tokens).
     fp32_sub16_area: the largest BK * BV an fp32 program holds when several chunks share a 16-token tile.
     """
 
@@ -123,9 +124,10 @@ def _launch(kernels: str, needs_y: bool, wy: bool) -> LinearLaunch:
     """The launch table. The per-channel kernels run 8 warps; the momentum and per-channel kernels turn
     off software pipelining of the tile loads (its buffers would exceed a Hopper SM's shared memory at
     64-token tiles). The WY backward holds a [BT, BT] inverse more, so fp32 16-token tiles stop at
-    128 x 64 (docs/kernels-matrix.md has the measurements)."""
-    if kernels == "map":  # segments of whole chunks, at least 16 tokens (the launcher's _config)
-        return LinearLaunch(num_warps=4, num_stages=1, tiling="segment", fp32_sub16_area=0)
+    128 x 64 (docs/kernels-matrix.md has the measurements). The map kernels run 8 warps without
+    pipelining (benchmarks/results/check_sm90_maps_2026-12-05.md)."""
+    if kernels == "map":  # 8 warps for the backward's ten-odd [BK, BV] fp32 tensors held in registers
+        return LinearLaunch(num_warps=8, num_stages=1, tiling="segment", fp32_sub16_area=0)
     tiling = "fixed" if not needs_y else ("wy" if wy else "substitute")
     return LinearLaunch(
         num_warps=8 if kernels == "channel" else 4,
