@@ -46,6 +46,15 @@ MAP_VARIANTS = [
                    "gate eta : channel = softplus(rank=4, init=0.1)",
                    "gate gam : channel = softplus(rank=4, init=0.05)"],
                    "decay(a) + elastic_net(gam, form=retain)", "eta", 1, T=21), False),
+    # at=retained: token i's gradient point is map(a_i Z_b) (S_gamma's form=retain: a_i Z_b)
+    (LinearVariant("kl_value_retained", "l2", [A, ETA], "decay(a) + kl(axis=value)", "eta", 16, at="retained",
+                   T=37), False),
+    (LinearVariant("bregman_retained_channel_momentum", "l2", ["gate a : channel = sigmoid(rank=4, init=0.9)",
+                   ETA, B_MOM], "decay(a) + bregman(sigmoid)", "eta", 4, at="retained", beta="b", T=21), False),
+    (LinearVariant("elastic_ftrl_retained", "l2", [A, ETA], "decay(a) + elastic_net(0.05, form=ftrl)", "eta", 1,
+                   at="retained", T=19), False),
+    (LinearVariant("elastic_retain_retained_chunk64", "l2", [A, ETA, GAM],
+                   "decay(a) + elastic_net(gam, form=retain)", "eta", 64, at="retained", T=80), False),
     (LinearVariant("kl_key_packed", "l2", [A, ETA], "decay(a) + kl(axis=key)", "eta", 16, T=50), True),
     (LinearVariant("elastic_retain_packed_momentum", "l2", [A, ETA, B_MOM, GAM],
                    "decay(a) + elastic_net(gam, form=retain)", "eta", 1, beta="b", T=30), True),
@@ -113,8 +122,8 @@ def _ir(retention: str, decls=(ETA,), beta=None, at="previous", chunk=16):
 
 
 def test_plan_map_kernels():
-    """The plan picks the map kernels and their flags; the decode step and at=retained with a decay are
-    refused with their reasons, and lq keeps its refusal."""
+    """The plan picks the map kernels and their flags; the decode step is refused with its reason, and lq
+    keeps its refusal."""
     plan = plan_linear(_ir("kl(axis=value, scale=2.0)"))
     assert plan.kernels == "map"
     f = plan.map_flags
@@ -130,10 +139,8 @@ def test_plan_map_kernels():
     plan = plan_linear(_ir("bregman(sigmoid)", (ETA, "gate a : channel = sigmoid(rank=4, init=0.9)"), beta="a"))
     assert (plan.kernels, plan.map_flags.map, plan.map_flags.beta_channel) == ("map", 2, True)
     assert plan_linear(_ir("elastic_net(0.1, form=ftrl)")).map_flags.prox is False
-    retained = _ir("decay(a) + kl(axis=key)", (ETA, A), at="retained")
-    assert isinstance(plan_linear(retained), Refusal)
-    assert "at=retained" in refusal_reason(retained)
-    assert plan_linear(_ir("kl(axis=key)", at="retained")).kernels == "map"  # no decay: the same point
+    retained = plan_linear(_ir("decay(a) + kl(axis=key)", (ETA, A), at="retained"))
+    assert retained.kernels == "map" and retained.at_retained
     step = plan_step(_ir("kl(axis=key)"))
     assert isinstance(step, Refusal) and step.reason == "the fused decode step does not cover retention maps yet"
     assert "retention map 'lq'" in refusal_reason(_ir("decay(0.9) + lq(q=3)"))

@@ -83,11 +83,7 @@ def refusal_reason(ir: LayerIR) -> str | None:
     if ir.memory.kind != "linear":
         return "the triton backend covers matrix memories; MLP memories run on the torch backend"
     ret = ir.retention
-    if ret.effective_map in MAP_CODES:
-        no_decay = isinstance(ret.alpha, (int, float)) and float(ret.alpha) == 1.0
-        if ir.algorithm.at == "retained" and not no_decay:
-            # the gradient point map(a_i Z_b) would be one more map and map VJP per token
-            return "at=retained with a decay and a retention map has no triton kernel yet"
+    if ret.effective_map in MAP_CODES:  # the "map" kernels take every gate, per head or per channel
         return None
     if ret.effective_map != "id":
         return f"the retention map '{ret.map}' has no triton kernel yet"
