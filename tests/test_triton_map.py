@@ -3,6 +3,11 @@ net) against the generated reference backend in float64: outputs, final states a
 fresh random inputs, with the kernels running in Triton's interpreter (TRITON_INTERPRET=1, conftest.py)."""
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -159,3 +164,18 @@ def test_map_kernels_refuse_wide_coupled_heads(tmp_path):
     o, _ = module.memory(q, k, v, **params, chunk_size=16, backend="auto")
     ref, _ = module.memory(q, k, v, **params, chunk_size=16, backend="reference")
     assert rel(o, ref) < 1e-4
+
+
+@pytest.mark.skipif(shutil.which("ruff", path=str(Path(sys.executable).parent)) is None, reason="ruff missing")
+def test_map_modules_are_ruff_clean(tmp_path):
+    """Every layer above, generated with its map kernels, passes the generated code's lint."""
+    files = []
+    for i, (variant, _) in enumerate(MAP_VARIANTS):
+        compiled = compile_spec(variant.spec(f"Lint{i}"), f"lint{i}.miras")
+        assert "def _chunk_bwd_kernel" in compiled.source and "_map_vjp" in compiled.source, variant.name
+        files.append(tmp_path / f"lint{i}.py")
+        files[-1].write_text(compiled.source)
+    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent))
+    res = subprocess.run([ruff, "check", "--isolated", "--line-length", "110", "--extend-select", "E,W", *map(str, files)],
+                         capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
