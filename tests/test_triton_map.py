@@ -60,6 +60,12 @@ MAP_VARIANTS = [
                    at="retained", T=19), False),
     (LinearVariant("elastic_retain_retained_chunk64", "l2", [A, ETA, GAM],
                    "decay(a) + elastic_net(gam, form=retain)", "eta", 64, at="retained", T=80), False),
+    # wide heads: 128 x 64 runs as 2 column slices of 128 x 32 (the gates per channel cut with them)
+    (LinearVariant("kl_key_wide_slices", "l2", [A, ETA], "decay(a) + kl(axis=key)", "eta", 16, K=128, V=64,
+                   T=19), False),
+    (LinearVariant("elastic_retain_wide_channel_slices", "l2", ["gate a : channel = sigmoid(rank=4, init=0.9)", ETA,
+                   "gate gam : channel = softplus(rank=4, init=0.05)"], "decay(a) + elastic_net(gam, form=retain)",
+                   "eta", 4, at="retained", K=128, V=64, T=13), False),
     (LinearVariant("kl_key_packed", "l2", [A, ETA], "decay(a) + kl(axis=key)", "eta", 16, T=50), True),
     (LinearVariant("elastic_retain_packed_momentum", "l2", [A, ETA, B_MOM, GAM],
                    "decay(a) + elastic_net(gam, form=retain)", "eta", 1, beta="b", T=30), True),
@@ -95,6 +101,7 @@ def test_map_kernels_match_reference(i, variant, packed, tmp_path):
     assert "_memory_triton" in vars(module), refusal_reason(ir)
     assert module._chunk_fwd_kernel.fn.__name__ == "_chunk_fwd_kernel" and "_map_fwd" in compiled.source
     chunk, K, V, T = variant.chunk, variant.K, variant.V, variant.T
+    assert module._value_slices(K, V, chunk, variant.dtype) == (2 if K * V > 64 * 64 else 1)
     H = 2
     if packed:  # B = 1 holds three sequences, one of them shorter than a chunk
         B, lens = 1, [T - 21, 9, 12]
