@@ -3,7 +3,8 @@
 One program walks one head's sequence in tiles of BT tokens. These functions are the pieces the three
 kernel pairs (per-head decay, momentum, per-channel decay) share: where a program's sequence lies, a
 tile's offsets and log-decays, the momentum weights, the triangular inverse of the WY form, and the
-level-by-level pair products of a per-channel decay.
+level-by-level pair products of a per-channel decay; and the pieces of the token-by-token pair of a
+retention map: a token's gates, the maps and their VJPs, the chunk's gradient point, the scratch states.
 """
 import triton
 import triton.language as tl
@@ -242,3 +243,36 @@ def _map_vjp(Z, W, dW, gamma, MAP: tl.constexpr, AXIS: tl.constexpr, SCALE: tl.c
         dZ = tl.where((Z > gamma) | (Z < -gamma), dW, 0.0)
         dgamma = tl.sum(tl.where(Z > gamma, -dW, 0.0) + tl.where(Z < -gamma, dW, 0.0), axis=0)[None, :]
     return dZ, dgamma
+
+
+@triton.jit
+def _base_point(Z, smask, gamma, MAP: tl.constexpr, AXIS: tl.constexpr, SCALE: tl.constexpr,
+                PROX: tl.constexpr):
+    """The chunk's gradient point from its base Z_b: map(Z_b), or Z_b itself when the carried state is
+    already the weights (PROX, elastic_net(form=retain))."""
+    if PROX:
+        P = Z
+    else:
+        P = _map_fwd(Z, smask, gamma, MAP, AXIS, SCALE)
+    return P
+
+
+@triton.jit
+def _state_before(scr_ptr, st_ptr, i, s_off, smask, KV: tl.constexpr):
+    """The state before token i of a segment: the scratch's Z_(i-1), or for i = 0 the segment's stored
+    first state."""
+    if i > 0:
+        x = tl.load(scr_ptr + (i - 1) * KV + s_off, mask=smask, other=0.0)
+    else:
+        x = tl.load(st_ptr + s_off, mask=smask, other=0.0)
+    return x
+
+
+@triton.jit
+def _store_gate_grad(ptr, row, rv, vmask, x, V: tl.constexpr, CHANNEL: tl.constexpr):
+    """Store one token's gradient of a gate from its [1, BV] row: the row (CHANNEL) or its sum (padded
+    columns hold zeros)."""
+    if CHANNEL:
+        tl.store(ptr + row * V + rv[None, :], x, mask=vmask[None, :])
+    else:
+        tl.store(ptr + row, tl.sum(tl.sum(x, axis=1), axis=0))
