@@ -296,3 +296,58 @@ def test_per_channel_decay_pair_sums(tmp_path):
                                atol=1e-5)
     torch.testing.assert_close(dA.double(), torch.einsum("iv,ijv,jv->ij", do.double(), D, X.double()),
                                rtol=1e-4, atol=1e-5)
+
+
+_MAPS = """
+@triton.jit
+def map_kernel(z_ptr, dw_ptr, g_ptr, w_ptr, dz_ptr, dg_ptr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+               BV: tl.constexpr, MAP: tl.constexpr, AXIS: tl.constexpr, SCALE: tl.constexpr,
+               GAMMA_CHANNEL: tl.constexpr):
+    rk, rv = tl.arange(0, BK), tl.arange(0, BV)
+    vmask = rv < V
+    smask = (rk < K)[:, None] & vmask[None, :]
+    off = rk[:, None] * V + rv[None, :]
+    Z = tl.load(z_ptr + off, mask=smask, other=0.0)
+    dW = tl.load(dw_ptr + off, mask=smask, other=0.0)
+    gamma = _token_gate(g_ptr, 0, rv, vmask, V, GAMMA_CHANNEL, 0.0)
+    W = _map_fwd(Z, smask, gamma, MAP, AXIS, SCALE)
+    dZ, dgamma = _map_vjp(Z, W, dW, gamma, MAP, AXIS, SCALE)
+    tl.store(w_ptr + off, W, mask=smask)
+    tl.store(dz_ptr + off, dZ, mask=smask)
+    tl.store(dg_ptr + rv[None, :], dgamma + tl.zeros([1, BV], dtype=tl.float32), mask=vmask[None, :])
+"""
+
+
+def _torch_map(z, gamma, kind, axis, scale):
+    if kind == 1:
+        dims = {0: (0,), 1: (1,), 2: (0, 1)}[axis]
+        e = (z - z.amax(dim=dims, keepdim=True)).exp()
+        return scale * e / e.sum(dim=dims, keepdim=True)
+    if kind == 2:
+        return torch.sigmoid(z)
+    return z - torch.clamp(z, min=-gamma, max=gamma)
+
+
+@pytest.mark.parametrize(("kind", "axis", "scale", "gamma_channel"), [
+    pytest.param(1, 0, 1.0, False, id="softmax-key"), pytest.param(1, 1, 2.0, False, id="softmax-value-scaled"),
+    pytest.param(1, 2, 0.5, False, id="softmax-all"), pytest.param(2, 0, 1.0, False, id="sigmoid"),
+    pytest.param(3, 0, 1.0, False, id="soft-threshold"), pytest.param(3, 0, 1.0, True, id="soft-threshold-channel")])
+def test_retention_maps_and_vjps(kind, axis, scale, gamma_channel, tmp_path):
+    """_map_fwd and _map_vjp on a padded [K, V] state (K = 12, V = 10 in 16 x 16) against torch.autograd in
+    float64, the threshold's gradient included; padded entries stay zero."""
+    m = load_with_library(["_token_gate", "_map_fwd", "_map_vjp"], _MAPS, tmp_path)
+    g = _gen(7 + kind + 3 * axis)
+    K, V = 12, 10
+    z, dw = torch.randn(K, V, generator=g), torch.randn(K, V, generator=g)
+    gamma = 0.2 + 0.6 * torch.rand(V if gamma_channel else 1, generator=g)
+    w, dz, dg = torch.empty(K, V), torch.empty(K, V), torch.empty(16)
+    m.map_kernel[(1,)](z, dw, gamma, w, dz, dg, K, V, 16, 16, kind, axis, scale, gamma_channel)
+    zd, gd = z.double().requires_grad_(), gamma.double().requires_grad_()
+    ref = _torch_map(zd, gd if gamma_channel else gd[0], kind, axis, scale)
+    ref.backward(dw.double())
+    torch.testing.assert_close(w.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dz.double(), zd.grad, rtol=1e-5, atol=1e-6)
+    if kind == 3:
+        assert (ref.detach() == 0).any() and (ref.detach() != 0).any()  # both sides of the threshold
+        got = dg[:V].double() if gamma_channel else dg[:V].double().sum(0, keepdim=True)
+        torch.testing.assert_close(got, gd.grad, rtol=1e-5, atol=1e-6)

@@ -25,7 +25,8 @@ class LinearLaunch:
     tiling: how chunks map to tiles: "fixed" (64-token tiles whatever the chunk: the bias gradient ignores
     y), "wy" (chunks under 16 tokens share a 64-token tile for half-precision inputs with K <= 128, else a
     16-token one, solved as one triangular system), "substitute" (chunks under 16 tokens share a 16-token
-    tile, solved by forward substitution).
+    tile, solved by forward substitution), "segment" (the map kernels: the state is stored every
+    max(16, chunk) tokens).
     fp32_sub16_area: the largest BK * BV an fp32 program holds when several chunks share a 16-token tile.
     """
 
@@ -39,7 +40,8 @@ class LinearLaunch:
 class LinearPlan:
     """Every decision the matrix-memory kernel templates read."""
 
-    kernels: str  # the kernel pair: "scalar" (per-head decay), "momentum", "channel" (per-channel decay)
+    kernels: str  # the kernel pair: "scalar" (per-head decay), "momentum", "channel" (per-channel decay),
+    # "map" (a retention map: token by token, any of the gates per head or per channel)
     bias_params: tuple[BiasParam, ...]
     bias_src: str  # the @triton.jit _bias_grad / _bias_vjp pair printed from the derived bias
     library_src: str  # the Triton library functions the kernels call (mirasc.codegen.triton_lib)
@@ -51,6 +53,27 @@ class LinearPlan:
     at_retained: bool  # gradients at the retained point (AT_RETAINED)
     column_separable: bool  # wide heads may run as column slices
     launch: LinearLaunch
+    map_flags: MapFlags | None = None  # the "map" kernels' retention map (None for the others)
+
+
+# The map kernels' MAP constexpr for each retention map (mirasc/codegen/triton_lib/linear.py, _map_fwd).
+MAP_CODES = {"softmax": 1, "sigmoid": 2, "soft_threshold": 3}
+AXIS_CODES = {"key": 0, "value": 1, "all": 2}
+
+
+@dataclass(frozen=True)
+class MapFlags:
+    """The tl.constexpr flags of the "map" kernels: the map (MAP_CODES), the softmax's axis (AXIS_CODES)
+    and scale, whether the chunk carries S_gamma(Z) (PROX, elastic_net(form=retain)), and which gates
+    are per value channel."""
+
+    map: int
+    axis: int
+    scale: float
+    prox: bool
+    alpha_channel: bool
+    beta_channel: bool
+    gamma_channel: bool
 
 
 def refusal_reason(ir: LayerIR) -> str | None:
@@ -59,8 +82,11 @@ def refusal_reason(ir: LayerIR) -> str | None:
         return "the bias carries no derived VJP for the backward kernel"
     if ir.memory.kind != "linear":
         return "the triton backend covers matrix memories; MLP memories run on the torch backend"
-    if ir.retention.map != "id":
-        return f"the retention map '{ir.retention.map}' has no triton kernel yet"
+    ret = ir.retention
+    if ret.effective_map in MAP_CODES:  # the "map" kernels take every gate, per head or per channel
+        return None
+    if ret.effective_map != "id":
+        return f"the retention map '{ret.map}' has no triton kernel yet"
     gates = (shape_of(ir, ir.retention.alpha), shape_of(ir, ir.algorithm.beta))
     if ir.algorithm.kind == "momentum" and "channel" in gates:
         return "momentum with a per-channel decay or momentum gate has no triton kernel yet"
@@ -86,6 +112,7 @@ LIBRARY = {
     "scalar": (*_SHARED, "_log_decays"),
     "momentum": (*_SHARED, "_log_decays", "_momentum_weights"),
     "channel": (*_SHARED, "_log_decays_channel", "_seg", "_decay_mm", "_decay_mm_bwd"),
+    "map": ("_program", "_token_gate", "_map_fwd", "_map_vjp", "_base_point", "_state_before", "_store_gate_grad"),
 }
 
 
@@ -93,7 +120,10 @@ def _launch(kernels: str, needs_y: bool, wy: bool) -> LinearLaunch:
     """The launch table. The per-channel kernels run 8 warps; the momentum and per-channel kernels turn
     off software pipelining of the tile loads (its buffers would exceed a Hopper SM's shared memory at
     64-token tiles). The WY backward holds a [BT, BT] inverse more, so fp32 16-token tiles stop at
-    128 x 64 (docs/kernels-matrix.md has the measurements)."""
+    128 x 64 (docs/kernels-matrix.md has the measurements). The map kernels run 8 warps without
+    pipelining (benchmarks/results/check_sm90_maps_2026-12-05.md)."""
+    if kernels == "map":  # 8 warps for the backward's ten-odd [BK, BV] fp32 tensors held in registers
+        return LinearLaunch(num_warps=8, num_stages=1, tiling="segment", fp32_sub16_area=0)
     tiling = "fixed" if not needs_y else ("wy" if wy else "substitute")
     return LinearLaunch(
         num_warps=8 if kernels == "channel" else 4,
@@ -112,7 +142,17 @@ def plan_linear(ir: LayerIR) -> LinearPlan | Refusal:
     momentum = ir.algorithm.kind == "momentum"
     eta_channel = eta_is_channel(ir)
     alpha_channel = shape_of(ir, ir.retention.alpha) == "channel"
-    kernels = "channel" if alpha_channel else ("momentum" if momentum else "scalar")
+    ret = ir.retention
+    map_flags = None
+    if ret.effective_map in MAP_CODES:
+        kernels = "map"
+        map_flags = MapFlags(
+            map=MAP_CODES[ret.effective_map], axis=AXIS_CODES[ret.axis], scale=float(ret.scale),
+            prox=ret.form == "prox", alpha_channel=alpha_channel,
+            beta_channel=momentum and shape_of(ir, ir.algorithm.beta) == "channel",
+            gamma_channel=ret.effective_map == "soft_threshold" and shape_of(ir, ret.gamma) == "channel")
+    else:
+        kernels = "channel" if alpha_channel else ("momentum" if momentum else "scalar")
     needs_y = ir.bias.klass != "independent"
     # chunks under 16 tokens of an affine bias (the delta rule) solve one triangular system per tile (the
     # WY form); a per-channel lr or decay gives every value column its own system
@@ -128,9 +168,13 @@ def plan_linear(ir: LayerIR) -> LinearPlan | Refusal:
         momentum=momentum,
         wy=wy,
         at_retained=ir.algorithm.at == "retained",
-        column_separable=column_separable(ir.bias),
+        # a softmax over the values or the whole matrix couples a head's value columns
+        column_separable=column_separable(ir.bias) and not (map_flags is not None and map_flags.map == 1
+                                                             and map_flags.axis != 0),
         launch=_launch(kernels, needs_y, wy),
+        map_flags=map_flags,
     )
 
 
-__all__ = ["LIBRARY", "BiasParam", "LinearLaunch", "LinearPlan", "column_separable", "plan_linear", "refusal_reason"]
+__all__ = ["AXIS_CODES", "LIBRARY", "MAP_CODES", "BiasParam", "LinearLaunch", "LinearPlan", "MapFlags",
+           "column_separable", "plan_linear", "refusal_reason"]

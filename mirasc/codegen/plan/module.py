@@ -196,8 +196,9 @@ class KernelChoice:
     family is "linear", "mlp" or None; step says whether the fused decode step exists (its plan decides
     on its own: a layer may have the step without the chunk kernels); reason is what backend="triton"
     says for the chunk kernels (family None, else ""), step_reason what step() says (no step, else "").
-    eta, alpha, beta and bias_args are the launcher's operand expressions (contiguous fp32 tensors, None
-    for an absent decay or momentum gate)."""
+    eta, alpha, beta, gamma and bias_args are the launcher's operand expressions (contiguous fp32 tensors,
+    None for an absent decay or momentum gate; gamma is the elastic net's threshold of the matrix
+    kernels)."""
 
     family: str | None
     step: bool
@@ -206,6 +207,7 @@ class KernelChoice:
     eta: str | None = None
     alpha: str | None = None
     beta: str | None = None
+    gamma: str | None = None
     bias_args: tuple[str, ...] = ()
 
     @property
@@ -465,6 +467,8 @@ def choose_kernels(ir: LayerIR, linear: LinearPlan | Refusal, mlp: MlpPlan | Ref
         step_reason=step_reason,
         eta=operand_source(ir, alg.lr, "eta"), alpha=operand_source(ir, ret.alpha, "alpha"),
         beta=operand_source(ir, alg.beta, "beta") if alg.kind == "momentum" else None,
+        gamma=(operand_source(ir, ret.gamma, "gamma")
+               if ir.memory.kind == "linear" and ret.effective_map == "soft_threshold" else None),
         bias_args=tuple(f"gates[{p.public!r}].float().contiguous()" for p in bias_params_of(ir)))
 
 

@@ -3,7 +3,8 @@
 One program walks one head's sequence in tiles of BT tokens. These functions are the pieces the three
 kernel pairs (per-head decay, momentum, per-channel decay) share: where a program's sequence lies, a
 tile's offsets and log-decays, the momentum weights, the triangular inverse of the WY form, and the
-level-by-level pair products of a per-channel decay.
+level-by-level pair products of a per-channel decay; and the pieces of the token-by-token pair of a
+retention map: a token's gates, the maps and their VJPs, the chunk's gradient point, the scratch states.
 """
 import triton
 import triton.language as tl
@@ -175,3 +176,103 @@ def _decay_mm_bwd(A, g, do, la, rt, LOG_BT: tl.constexpr, BT: tl.constexpr, BV: 
         itT += cf * _mm(tl.trans(Am), dor, LOWP)
         dA += tl.where(mask, _mm(dor, tl.trans(gc), LOWP), 0.0)
     return it, itT, dA
+
+
+# The retention maps of the per-token map kernels (templates/triton_linear_map.py.j2), on a program's
+# [BK, BV] state; MAP: 1 scale * softmax(Z) (kl; AXIS 0 over keys, 1 over values, 2 over the matrix),
+# 2 sigmoid(Z) (bregman), 3 S_gamma(Z) (elastic net). docs/semantics.md, "Retention maps".
+
+@triton.jit
+def _token_gate(ptr, row, rv, vmask, V: tl.constexpr, CHANNEL: tl.constexpr, other: tl.constexpr):
+    """One token's gate in fp32: its value channels as a [1, BV] row (CHANNEL, `other` in padded ones),
+    else its scalar as [1, 1] (the shape of a per-head gate in the bias's [BT, 1] columns)."""
+    if CHANNEL:
+        x = tl.load(ptr + row * V + rv[None, :], mask=vmask[None, :], other=other).to(tl.float32)
+    else:
+        x = tl.load(ptr + row + tl.zeros([1, 1], dtype=tl.int32)).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _softmax_map(Z, smask, AXIS: tl.constexpr, SCALE: tl.constexpr):
+    """SCALE * softmax(Z) over AXIS (0: each column over the keys, 1: each row over the values, 2: the
+    whole matrix); padded entries are 0 and take no share."""
+    x = tl.where(smask, Z, -1e30)
+    if AXIS == 0:
+        e = tl.where(smask, tl.exp(x - tl.max(x, axis=0)[None, :]), 0.0)
+        s = tl.sum(e, axis=0)[None, :]
+    elif AXIS == 1:
+        e = tl.where(smask, tl.exp(x - tl.max(x, axis=1)[:, None]), 0.0)
+        s = tl.sum(e, axis=1)[:, None]
+    else:
+        e = tl.where(smask, tl.exp(x - tl.max(tl.max(x, axis=1), axis=0)), 0.0)
+        s = tl.sum(tl.sum(e, axis=1), axis=0)
+    return SCALE * e / tl.where(s > 0.0, s, 1.0)
+
+
+@triton.jit
+def _map_fwd(Z, smask, gamma, MAP: tl.constexpr, AXIS: tl.constexpr, SCALE: tl.constexpr):
+    """W = map(Z), zero in padded entries; gamma ([1, BV] per value channel, or [1, 1]) is the threshold
+    of MAP 3, unused otherwise."""
+    if MAP == 1:
+        W = _softmax_map(Z, smask, AXIS, SCALE)
+    elif MAP == 2:
+        W = tl.where(smask, tl.sigmoid(Z), 0.0)
+    else:
+        W = Z - tl.minimum(tl.maximum(Z, -gamma), gamma)
+    return W
+
+
+@triton.jit
+def _map_vjp(Z, W, dW, gamma, MAP: tl.constexpr, AXIS: tl.constexpr, SCALE: tl.constexpr):
+    """The VJP of W = _map_fwd(Z) at dW: (dZ, d gamma per value channel [1, BV]). softmax:
+    W (dW - sum_axis(W dW) / SCALE); sigmoid: W (1 - W) dW; soft threshold: dW where |Z| > gamma, and
+    d gamma = -sum_k sign(Z) dW there (torch's clamp passes no gradient to Z at |Z| = gamma)."""
+    dgamma = tl.zeros_like(gamma)
+    if MAP == 1:
+        wd = W * dW
+        if AXIS == 0:
+            dZ = W * (dW - tl.sum(wd, axis=0)[None, :] / SCALE)
+        elif AXIS == 1:
+            dZ = W * (dW - tl.sum(wd, axis=1)[:, None] / SCALE)
+        else:
+            dZ = W * (dW - tl.sum(tl.sum(wd, axis=1), axis=0) / SCALE)
+    elif MAP == 2:
+        dZ = W * (1.0 - W) * dW
+    else:
+        dZ = tl.where((Z > gamma) | (Z < -gamma), dW, 0.0)
+        dgamma = tl.sum(tl.where(Z > gamma, -dW, 0.0) + tl.where(Z < -gamma, dW, 0.0), axis=0)[None, :]
+    return dZ, dgamma
+
+
+@triton.jit
+def _base_point(Z, smask, gamma, MAP: tl.constexpr, AXIS: tl.constexpr, SCALE: tl.constexpr,
+                PROX: tl.constexpr):
+    """The chunk's gradient point from its base Z_b: map(Z_b), or Z_b itself when the carried state is
+    already the weights (PROX, elastic_net(form=retain))."""
+    if PROX:
+        P = Z
+    else:
+        P = _map_fwd(Z, smask, gamma, MAP, AXIS, SCALE)
+    return P
+
+
+@triton.jit
+def _state_before(scr_ptr, st_ptr, i, s_off, smask, KV: tl.constexpr):
+    """The state before token i of a segment: the scratch's Z_(i-1), or for i = 0 the segment's stored
+    first state."""
+    if i > 0:
+        x = tl.load(scr_ptr + (i - 1) * KV + s_off, mask=smask, other=0.0)
+    else:
+        x = tl.load(st_ptr + s_off, mask=smask, other=0.0)
+    return x
+
+
+@triton.jit
+def _store_gate_grad(ptr, row, rv, vmask, x, V: tl.constexpr, CHANNEL: tl.constexpr):
+    """Store one token's gradient of a gate from its [1, BV] row: the row (CHANNEL) or its sum (padded
+    columns hold zeros)."""
+    if CHANNEL:
+        tl.store(ptr + row * V + rv[None, :], x, mask=vmask[None, :])
+    else:
+        tl.store(ptr + row, tl.sum(tl.sum(x, axis=1), axis=0))
