@@ -8,7 +8,7 @@ memory(backend="triton") forward and forward + backward, median ms of triton.tes
 ratio against the spec without lq (the target for norm=chunk: within 1.3x). Agreement first, for
 norm=chunk: the triton backend (bf16 inputs) against the torch backend in float32 on the same inputs
 (B=1: outputs, final state and every gradient, relative error over all elements).
---smoke runs it at a tiny shape in Triton's CPU interpreter (checks the script, not speed).
+--agree-only skips the timings. --smoke runs it at a tiny shape in Triton's CPU interpreter (checks the script, not speed).
 """
 from __future__ import annotations
 
@@ -38,8 +38,10 @@ DEV = "cpu" if SMOKE else "cuda"
 
 
 def ranges(p):
-    """Decays in (0.99, 1) and learning rates in (0.005, 0.02): stable over thousands of tokens."""
-    return (0.99, 0.999) if p.name == "alpha" else (0.005, 0.02)
+    """Decays in [0.999, 1) and learning rates in (0.005, 0.02), as benchmarks/bench_mlp.py draws them:
+    with decays of 0.99 a LayerNorm'd MLP memory is chaotic over 2048 tokens (bench_mlp.py's DECAY), and
+    no kernel can agree with a reference there."""
+    return (0.999, 1.0) if p.name == "alpha" else (0.005, 0.02)
 
 
 def adapt(text: str) -> str:
@@ -102,6 +104,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--agree-only", action="store_true", help="the agreement check without timings")
     args = ap.parse_args()
     device = "cpu (TRITON_INTERPRET=1)" if SMOKE else torch.cuda.get_device_properties(0).name
     rows = [(f"# Moneta's lq map on the triton backend\n\n{datetime.date.today()} · {device} · torch "
@@ -115,7 +118,7 @@ def main() -> int:
         module, ir = import_spec(adapt(text), "examples/moneta.miras", Path(tempfile.mkdtemp()), f"_lq_gpu_{i}_")
         try:
             agree = agreement(module, ir) if "token" not in name else "(not checked)"
-            times[name] = timing(module, ir)
+            times[name] = (float("nan"), float("nan")) if args.agree_only else timing(module, ir)
         except Exception as exc:  # noqa: BLE001 - a variant that fails is reported
             results[name] = f"| {name} | {type(exc).__name__}: {str(exc)[:120]} | | | |"
             print(results[name], flush=True)

@@ -60,10 +60,11 @@ def test_momentum_and_per_channel_decay_get_their_own_kernels():
     assert mom.kernels == "momentum" and mom.momentum
     assert _kernels(_example("quantile")).beta is not None  # the launcher passes the momentum gate
     assert mom.launch.num_stages == 1 and mom.launch.num_warps == 4
+    assert mom.launch.min_bv == 64  # the momentum kernels run no value tile under 64 columns on a GPU
     assert "def _momentum_weights(" in mom.library_src
     chan = plan_linear(_example("log_cosh"))
     assert chan.kernels == "channel" and chan.alpha_channel and not chan.wy
-    assert (chan.launch.num_warps, chan.launch.num_stages) == (8, 1)
+    assert (chan.launch.num_warps, chan.launch.num_stages) == (8, 1) and chan.launch.min_bv == 16
     assert "def _decay_mm_bwd(" in chan.library_src and "def _momentum_weights(" not in chan.library_src
 
 

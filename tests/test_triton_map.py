@@ -135,8 +135,8 @@ def _ir(retention: str, decls=(ETA,), beta=None, at="previous", chunk=16):
 
 
 def test_plan_map_kernels():
-    """The plan picks the map kernels and their flags; the decode step is refused with its reason, and lq
-    keeps its refusal."""
+    """The plan picks the map kernels and their flags, the fused decode step covers them, and lq on a matrix
+    memory keeps its refusal."""
     plan = plan_linear(_ir("kl(axis=value, scale=2.0)"))
     assert plan.kernels == "map"
     f = plan.map_flags
@@ -154,8 +154,7 @@ def test_plan_map_kernels():
     assert plan_linear(_ir("elastic_net(0.1, form=ftrl)")).map_flags.prox is False
     retained = plan_linear(_ir("decay(a) + kl(axis=key)", (ETA, A), at="retained"))
     assert retained.kernels == "map" and retained.at_retained
-    step = plan_step(_ir("kl(axis=key)"))
-    assert isinstance(step, Refusal) and step.reason == "the fused decode step does not cover retention maps yet"
+    assert not isinstance(plan_step(_ir("kl(axis=key)")), Refusal)  # the fused decode step covers the maps
     assert "retention map 'lq'" in refusal_reason(_ir("decay(0.9) + lq(q=3)"))
 
 

@@ -28,12 +28,17 @@ class LinearLaunch:
     tile, solved by forward substitution), "segment" (the map kernels: the state is stored every
     max(16, chunk) tokens).
     fp32_sub16_area: the largest BK * BV an fp32 program holds when several chunks share a 16-token tile.
+    min_bv: the narrowest value tile the kernels run on a GPU (the interpreter runs any): the momentum
+    kernels fault (an illegal memory access) on an H100 with 32-column tiles, which a head of 32 value
+    columns or a forced slicing would give (benchmarks/results/momentum_slices_*.md); such layers run on
+    the torch backend until that is found.
     """
 
     num_warps: int
     num_stages: int | None  # None: Triton's default software pipelining
     tiling: str
     fp32_sub16_area: int
+    min_bv: int = 16
 
 
 @dataclass(frozen=True)
@@ -130,6 +135,7 @@ def _launch(kernels: str, needs_y: bool, wy: bool) -> LinearLaunch:
         num_stages=None if kernels == "scalar" else 1,
         tiling=tiling,
         fp32_sub16_area=128 * (64 if wy else 128),
+        min_bv=64 if kernels == "momentum" else 16,
     )
 
 
