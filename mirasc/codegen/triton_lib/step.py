@@ -62,3 +62,23 @@ def _step_map(z, smask, gamma, MAP: tl.constexpr, KL_AXIS: tl.constexpr, KL_SCAL
     else:
         w = z - tl.minimum(tl.maximum(z, -gamma), gamma)
     return w
+
+
+@triton.jit
+def _step_ln(z, vmask):
+    """LayerNorm without affine parameters (eps 1e-5) of one row z [1, BV] (padded columns 0) over the
+    true V columns: (the normalized row, 0 at padded columns; 1 / std, [1, 1])."""
+    n_v = tl.sum(vmask.to(tl.float32), axis=0)
+    c = tl.where(vmask[None, :], z - tl.sum(z, axis=1)[:, None] / n_v, 0.0)
+    rstd = tl.rsqrt(tl.sum(c * c, axis=1)[:, None] / n_v + 1e-5)
+    return c * rstd, rstd
+
+
+@triton.jit
+def _step_ln_vjp(g, n, rstd, vmask):
+    """The cotangent of _step_ln's input from g [1, BV] (padded columns 0), its output n and 1 / std:
+    rstd (g - mean(g) - n mean(g n)), means over the true V columns."""
+    n_v = tl.sum(vmask.to(tl.float32), axis=0)
+    mean_g = tl.sum(g, axis=1)[:, None] / n_v
+    mean_gn = tl.sum(g * n, axis=1)[:, None] / n_v
+    return tl.where(vmask[None, :], rstd * (g - mean_g - n * mean_gn), 0.0)
