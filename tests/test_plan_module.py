@@ -27,18 +27,20 @@ def _plans(stem: str, replace: tuple[str, str] | None = None):
     return plans(compile_spec(text, f"{stem}.miras").ir, __version__)
 
 
-_NO_STEP = "the fused decode step covers matrix memories only"
+def _no_step(map_: str) -> str:
+    return f"the fused decode step of an MLP memory covers retention none and decay, not the '{map_}' map"
 
 
 @pytest.mark.parametrize(("stem", "replace", "family", "step", "reason", "step_reason"), [
     pytest.param("gated_deltanet", None, "linear", True, "", "", id="gated_deltanet-linear-and-step"),
     pytest.param("quantile", None, "linear", True, "", "", id="quantile-momentum-linear-and-step"),
-    pytest.param("titans", None, "mlp", False, "", _NO_STEP, id="titans-mlp"),
-    pytest.param("moneta", ("lq(q=4)", "lq(q=4, norm=token)"), "mlp", False, "", _NO_STEP, id="moneta-token-mlp"),
+    pytest.param("titans", None, "mlp", True, "", "", id="titans-mlp-and-step"),
+    pytest.param("moneta", ("lq(q=4)", "lq(q=4, norm=token)"), "mlp", False, "", _no_step("lq"),
+                 id="moneta-token-mlp"),
     pytest.param("moneta", None, None, False, "lq(norm=chunk) has no triton kernel yet; it runs on the torch backend",
-                 _NO_STEP, id="moneta-chunk-refused"),
+                 _no_step("lq"), id="moneta-chunk-refused"),
     pytest.param("memora", None, None, False, "the retention map 'softmax' has no triton kernel for MLP memories",
-                 _NO_STEP, id="memora-refused"),
+                 _no_step("softmax"), id="memora-refused"),
 ])
 def test_one_kernel_decision(stem, replace, family, step, reason, step_reason):
     p = _plans(stem, replace)
@@ -86,7 +88,11 @@ def test_explain_plan_prints_every_plan(capsys):
         assert line in out, line
     assert main(["explain", "--plan", str(ROOT / "examples" / "titans.miras")]) == 0
     out = capsys.readouterr().out
-    for line in ("fused decode step (step): Refusal", "reason: 'the fused decode step covers matrix memories only'"):
+    for line in ("fused decode step (step): StepMlpPlan", "depth: 2"):
+        assert line in out, line
+    assert main(["explain", "--plan", str(ROOT / "examples" / "memora.miras")]) == 0
+    out = capsys.readouterr().out
+    for line in ("fused decode step (step): Refusal", "reason: \"the fused decode step of an MLP memory covers"):
         assert line in out, line
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mirasc.codegen.plan import Refusal
-from mirasc.codegen.plan.step import StepPlan, plan_step
+from mirasc.codegen.plan.step import StepMlpPlan, StepPlan, plan_step
 from mirasc.frontend import load_spec
 from mirasc.symbolic.derive import derive
 
@@ -79,9 +79,40 @@ def test_launch_table_covers_every_tile_the_kernel_accepts():
 
 
 def test_refusals():
-    for name in ("titans", "moneta", "memora"):  # MLP memories (momentum, lq, kl)
+    for name, map_ in (("moneta", "lq"), ("memora", "softmax")):  # MLP memories with a retention map
         plan = plan_step(_example(name))
-        assert isinstance(plan, Refusal) and "covers matrix memories only" in plan.reason, plan
+        assert isinstance(plan, Refusal) and f"covers retention none and decay, not the '{map_}' map" in plan.reason
+    plan = plan_step(_layer("l2", [], "none", "0.5", memory="mlp(depth=3, expansion=2, act=gelu)"))
+    assert isinstance(plan, Refusal) and "depth 1 and 2, got depth 3" in plan.reason
+
+
+def test_titans_plans_the_mlp_step():
+    plan = plan_step(_example("titans"))
+    assert isinstance(plan, StepMlpPlan)
+    assert (plan.depth, plan.act, plan.norm, plan.residual) == (2, "silu", False, True)
+    assert plan.momentum and plan.needs_y and plan.forward and not plan.at_retained
+    assert (plan.lr.input.public, plan.decay.input.public, plan.beta.input.public) == ("theta", "alpha", "eta")
+    assert [p.public for p in plan.inputs] == ["theta", "eta", "alpha"] and plan.bias_params == ()
+    assert plan.layers == (1, 2) and plan.names("z", "_ptr") == "z1_ptr, z2_ptr"
+    assert plan.names_tuple("b") == "(b1, b2)"
+    assert "def _bias_grad(" in plan.bias_src and "def _tl_dact(" in plan.activation_src
+    assert "def _step_ln(" in plan.library and "def _step_vecmat(" in plan.library
+
+
+def test_mlp_step_variants():
+    plan = plan_step(_example("ttt_linear"))  # depth 1: no activation, x + LN(x W), no retention
+    assert isinstance(plan, StepMlpPlan) and plan.depth == 1 and plan.activation_src == ""
+    assert plan.norm and plan.residual and not plan.momentum and plan.decay.arg == "None"
+    assert plan.names_tuple("z") == "(z1,)"
+    plan = plan_step(_example("yaad"))  # a bias parameter per head
+    assert isinstance(plan, StepMlpPlan) and [p.public for p in plan.bias_params] == ["delta"]
+    plan = plan_step(_layer("dot", ["param a = learnable(0.9, sigmoid)"], "decay(a)", "0.5", at="retained",
+                            memory="mlp(depth=2, expansion=2, act=gelu, residual=false, norm=false)"))
+    assert plan.at_retained and not plan.needs_y and not plan.forward  # y-independent, no LN: no forward
+    assert plan.decay.input.layout == "learnable" and plan.lr.arg == "None" and plan.lr.lit == 0.5
+    plan = plan_step(_layer("dot", [], "none", "0.5", at="retained",
+                            memory="mlp(depth=2, expansion=2, act=gelu, residual=false, norm=true)"))
+    assert plan.forward and not plan.at_retained  # the LayerNorm's backward needs z_L; no decay to retain
 
 
 def test_gd_without_a_map_sets_no_new_flags():
