@@ -28,17 +28,16 @@ def _plans(stem: str, replace: tuple[str, str] | None = None):
 
 
 def _no_step(map_: str) -> str:
-    return f"the fused decode step of an MLP memory covers retention none and decay, not the '{map_}' map"
+    return f"the fused decode step of an MLP memory covers retention none, decay and lq, not the '{map_}' map"
 
 
 @pytest.mark.parametrize(("stem", "replace", "family", "step", "reason", "step_reason"), [
     pytest.param("gated_deltanet", None, "linear", True, "", "", id="gated_deltanet-linear-and-step"),
     pytest.param("quantile", None, "linear", True, "", "", id="quantile-momentum-linear-and-step"),
     pytest.param("titans", None, "mlp", True, "", "", id="titans-mlp-and-step"),
-    pytest.param("moneta", ("lq(q=4)", "lq(q=4, norm=token)"), "mlp", False, "", _no_step("lq"),
-                 id="moneta-token-mlp"),
-    pytest.param("moneta", None, None, False, "lq(norm=chunk) has no triton kernel yet; it runs on the torch backend",
-                 _no_step("lq"), id="moneta-chunk-refused"),
+    pytest.param("moneta", ("lq(q=4)", "lq(q=4, norm=token)"), "mlp", True, "", "", id="moneta-token-mlp-and-step"),
+    pytest.param("moneta", None, None, True, "lq(norm=chunk) has no triton kernel yet; it runs on the torch backend",
+                 "", id="moneta-chunk-step-only"),
     pytest.param("memora", None, None, False, "the retention map 'softmax' has no triton kernel for MLP memories",
                  _no_step("softmax"), id="memora-refused"),
 ])

@@ -79,9 +79,11 @@ def test_launch_table_covers_every_tile_the_kernel_accepts():
 
 
 def test_refusals():
-    for name, map_ in (("moneta", "lq"), ("memora", "softmax")):  # MLP memories with a retention map
-        plan = plan_step(_example(name))
-        assert isinstance(plan, Refusal) and f"covers retention none and decay, not the '{map_}' map" in plan.reason
+    plan = plan_step(_example("memora"))  # an MLP memory with the kl map
+    assert isinstance(plan, Refusal) and "covers retention none, decay and lq, not the 'softmax' map" in plan.reason
+    plan = plan_step(_layer("l2", ["gate a : head = sigmoid(rank=4, init=0.9)"], "decay(a) + lq(q=3, norm=token)",
+                            "0.5", at="retained", memory="mlp(depth=2, expansion=2, act=gelu)"))
+    assert isinstance(plan, Refusal) and "no lq map with at=retained" in plan.reason
     plan = plan_step(_layer("l2", [], "none", "0.5", memory="mlp(depth=3, expansion=2, act=gelu)"))
     assert isinstance(plan, Refusal) and "depth 1 and 2, got depth 3" in plan.reason
 
@@ -97,6 +99,19 @@ def test_titans_plans_the_mlp_step():
     assert plan.names_tuple("b") == "(b1, b2)"
     assert "def _bias_grad(" in plan.bias_src and "def _tl_dact(" in plan.activation_src
     assert "def _step_ln(" in plan.library and "def _step_vecmat(" in plan.library
+    assert plan.map == "id" and not plan.lq_chunk and not plan.chunk_end
+    assert "_mm" in plan.pasted  # the MLP chunk kernels' library: the step pastes none of it again
+
+
+def test_moneta_plans_the_lq_step():
+    plan = plan_step(_example("moneta"))  # lq(q=4), norm=chunk: the MLP chunk kernels refuse it
+    assert isinstance(plan, StepMlpPlan) and plan.map == "lq" and plan.lq_chunk and plan.chunk_end
+    assert (plan.lq.q, plan.lq.qi, plan.lq.pw) == (4.0, 4, 0.5) and plan.pasted == ()
+    assert "def _lq_pow(" in plan.library and "def _step_lq_r(" in plan.library
+    plan = plan_step(_layer("l2", [], "lq(q=3, norm=token)", "0.5", memory="mlp(depth=2, expansion=2, act=gelu)"))
+    assert plan.map == "lq" and not plan.lq_chunk and not plan.chunk_end
+    assert "_lq_pow" in plan.pasted and "def _lq_pow(" not in plan.library  # the chunk kernels paste it
+    assert "def _step_lq_r(" in plan.library
 
 
 def test_mlp_step_variants():

@@ -86,6 +86,21 @@ VARIANTS = [
     _v("identity_no_decay", "expansion=2, act=identity, residual=true, norm=false", "l2", (), "none",
        "gd(lr=0.3, chunk=4)"),
 ]
+
+# Moneta's lq map (each weight matrix W_l = Z_l / n(Z_l)): norm=chunk (a token inside a chunk reads
+# Z' / n(Z_b), the chunk's last its own map(Z')) and norm=token, with decay and without, depth 1 and 2,
+# gd and momentum, chunk 1 and 4, q an integer and not.
+LQ_VARIANTS = [
+    _v("moneta_lq_chunk", "expansion=2, act=gelu, residual=true, norm=true", "lp(p=3)", (ETA, ALPHA),
+       "decay(a) + lq(q=4)", "gd(lr=eta, chunk=4)"),
+    _v("lq_token_momentum", "expansion=3, act=silu, residual=false, norm=false", "l2", (ETA, BETA),
+       "lq(q=3, norm=token)", "momentum(beta=b, lr=eta, chunk=4)", K=12, V=8),
+    _v("lq_chunk_depth1_chunk1", "residual=true, norm=true", "l2", (ETA, ALPHA), "decay(a) + lq(q=3)",
+       "gd(lr=eta, chunk=1)", depth=1, K=16, V=16),
+    _v("lq_token_depth1_q2_5", "residual=false, norm=false", "l2", (ETA,), "lq(q=2.5, norm=token)",
+       "gd(lr=eta, chunk=4)", depth=1, V=12),
+]
+VARIANTS = VARIANTS + LQ_VARIANTS
 IDS = [v.name for v in VARIANTS]
 
 
@@ -218,3 +233,16 @@ def test_auto_and_refusals(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"state.base\[1\] must have shape"):
         module.step(q[:, 0], k[:, 0], v[:, 0], **tok, state=state._replace(base=(s0[0], s0[0])), backend="triton")
     assert counter.launches == 2
+
+
+def test_a_module_with_both_kernel_families_defines_each_helper_once(compiled_examples, tmp_path):
+    """Moneta with lq(norm=token) has the MLP chunk kernels and the step: the library functions both
+    call (_lq_pow, the activation, _bias_grad) are pasted once."""
+    from conftest import ROOT
+
+    from mirasc.compiler import compile_spec
+
+    text = (ROOT / "examples" / "moneta.miras").read_text().replace("lq(q=4)", "lq(q=4, norm=token)")
+    source = compile_spec(text, "moneta_token.miras").source
+    for name in ("_lq_pow", "_tl_act", "_bias_grad", "_step_lq_r", "_step_kernel", "_mlp_fwd_kernel"):
+        assert source.count(f"def {name}(") == 1, name

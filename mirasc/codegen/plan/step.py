@@ -15,6 +15,7 @@ o = M(Z'; q), tiled over the hidden columns with the weights read from and writt
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ...ir import LayerIR
@@ -109,9 +110,9 @@ class StepPlan:
 
 @dataclass(frozen=True)
 class StepMlpPlan:
-    """The MLP step kernel's variant: the operands as in StepPlan (retention is none or decay: the map is
-    the identity), and the memory's shape: depth 1 (one [K, V] tile) or 2 (W_1 [K, X], W_2 [X, V], looped
-    over BX hidden columns at a time)."""
+    """The MLP step kernel's variant: the operands as in StepPlan (retention none or decay, and Moneta's
+    lq map), and the memory's shape: depth 1 (one [K, V] tile) or 2 (W_1 [K, X], W_2 [X, V], looped over
+    BX hidden columns at a time)."""
 
     inputs: tuple[StepInput, ...]  # every input the kernel reads, each once, in keyword order
     bias_params: tuple[StepInput, ...]  # the bias's non-constant parameters, in _bias_grad's order
@@ -121,6 +122,9 @@ class StepMlpPlan:
     beta: StepOperand  # the momentum decay (the literal 1.0 for gd: unused)
     needs_y: bool  # the bias gradient depends on y = M(W_b; k)
     at_retained: bool  # the gradient point is alpha W_b (every layer's pre-activation scaled by alpha)
+    map: str  # "id" or "lq": each weight matrix W_l = Z_l / n(Z_l)
+    lq: StepLq  # the lq map's constants (unused without it)
+    lq_chunk: bool  # lq(norm=chunk): a token inside a chunk reads Z' / n(Z_b), the chunk's last Z' / n(Z')
     depth: int  # 1 or 2
     act: str  # the hidden activation (depth 2): _tl_act / _tl_dact
     norm: bool  # M ends in a LayerNorm without affine parameters (eps 1e-5)
@@ -133,6 +137,12 @@ class StepMlpPlan:
     # depth 1, BX * max(BK, BV) at depth 2
     warps: tuple[tuple[int, int], ...]
     helpers: tuple[str, ...]  # the mirasc.codegen.triton_lib functions the kernel calls
+    pasted: tuple[str, ...]  # library functions the MLP chunk kernels paste into the module already
+
+    @property
+    def chunk_end(self) -> bool:
+        """Whether the kernel needs to know that the token ends its chunk (a tl.constexpr CHUNK_END)."""
+        return self.lq_chunk
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -156,7 +166,7 @@ class StepMlpPlan:
     def library(self) -> str:
         from .. import triton_lib
 
-        return triton_lib.source(self.helpers)
+        return triton_lib.source(self.helpers, exclude=self.pasted)
 
 
 def _input(ir: LayerIR, name: str) -> StepInput:
@@ -180,18 +190,25 @@ def _operand(ir: LayerIR, op) -> StepOperand:
 def _plan_step_mlp(ir: LayerIR) -> StepMlpPlan | Refusal:
     from ..printers import triton_activation_source
     from ..triton import bias_functions, bias_params_of
+    from .mlp import plan_mlp
 
     mem, ret, alg = ir.memory, ir.retention, ir.algorithm
     if mem.depth > 2:
         return Refusal(f"the fused decode step covers MLP memories of depth 1 and 2, got depth {mem.depth}")
-    if ret.effective_map != "id":
-        return Refusal(f"the fused decode step of an MLP memory covers retention none and decay, not the "
-                       f"'{ret.effective_map}' map")
+    map_ = ret.effective_map  # lq with q = 2 is the identity
+    if map_ not in ("id", "lq"):
+        return Refusal(f"the fused decode step of an MLP memory covers retention none, decay and lq, not the "
+                       f"'{map_}' map")
     lr = _operand(ir, alg.lr)
     decay = _operand(ir, ret.alpha)
     momentum = alg.kind == "momentum"
     beta = _operand(ir, alg.beta) if momentum else StepOperand(1.0, None)
     has_decay = decay.input is not None or decay.lit != 1.0
+    if map_ == "lq" and alg.at == "retained" and has_decay:
+        # the gradient point map(alpha Z_b) is then no scaling of the base
+        return Refusal("the fused decode step of an MLP memory has no lq map with at=retained and a decay")
+    mlp = plan_mlp(ir)
+    pasted = () if isinstance(mlp, Refusal) else tuple(re.findall(r"^def (\w+)\(", mlp.library_src, re.MULTILINE))
     used = {op for op in (alg.lr, ret.alpha, alg.beta if momentum else None, *ir.bias.params)
             if isinstance(op, str)}
     return StepMlpPlan(
@@ -203,6 +220,9 @@ def _plan_step_mlp(ir: LayerIR) -> StepMlpPlan | Refusal:
         beta=beta,
         needs_y=ir.bias.klass != "independent",
         at_retained=alg.at == "retained" and has_decay,
+        map=map_,
+        lq=_lq(ret.q, ret.eps) if map_ == "lq" else _lq(3.0, 1e-6),
+        lq_chunk=map_ == "lq" and ret.norm == "chunk",
         depth=mem.depth,
         act=mem.act,
         norm=bool(mem.norm),
@@ -212,7 +232,8 @@ def _plan_step_mlp(ir: LayerIR) -> StepMlpPlan | Refusal:
         max_dim=128,
         bx=32,
         warps=((4096, 4), (128 * 128, 8)),
-        helpers=("_step_input", "_step_vecmat", "_step_ln", "_step_ln_vjp"),
+        helpers=("_step_input", "_step_vecmat", "_step_ln", "_step_ln_vjp", "_step_lq_rnorm", "_step_lq_r"),
+        pasted=pasted,
     )
 
 

@@ -28,7 +28,12 @@ def _step_lq_rnorm(z, Q: tl.constexpr, QI: tl.constexpr, PW: tl.constexpr, EPS: 
     """1 / n(Z) of a whole matrix z [BK, BV] (padded entries 0), n(Z) = max(||Z||_q^(q-2), EPS): Moneta's
     lq map is W = Z * this. PW = (q - 2) / q; R0 is the value at Z = 0 (1 / EPS for q > 2; 0 for q < 2,
     where the norm's power is infinite there), so no infinity is formed."""
-    s = tl.sum(tl.sum(_lq_pow(z, Q, QI), axis=1), axis=0)  # ||Z||_q^q
+    return _step_lq_r(tl.sum(tl.sum(_lq_pow(z, Q, QI), axis=1), axis=0), PW, EPS, R0)
+
+
+@triton.jit
+def _step_lq_r(s, PW: tl.constexpr, EPS: tl.constexpr, R0: tl.constexpr):
+    """1 / n(Z) from s = ||Z||_q^q (a matrix summed tile by tile): min(s^(-PW), 1 / EPS), R0 at s = 0."""
     r = tl.where(s > 0.0, tl.exp(-PW * tl.log(tl.maximum(s, 1e-30))), R0)
     return tl.minimum(r, 1.0 / EPS)
 
