@@ -9,8 +9,8 @@ specialization, constexprs and options), then compiled for sm_90 by triton.compi
 head dims K = V = 64 (and 128 for matrix memories; --dims picks others), the spec's chunk size (plus 64 and 1 for matrix
 memories), bf16 and fp32 inputs (LOWP as the launchers choose it); step() at a chunk's first token and
 inside a chunk. Identical compilations of a layer are listed once. An example with no Triton kernels
-because of its lq(norm=chunk) retention (Moneta) is compiled as its lq(..., norm=token) variant instead,
-the rule the MLP kernels implement, listed as <stem>-token. --spec FILE adds a spec outside examples/
+because of its lq(norm=chunk) retention (Moneta, which has the fused step only) is compiled as its
+lq(..., norm=token) variant instead, the rule the MLP kernels implement, listed as <stem>-token. --spec FILE adds a spec outside examples/
 (e.g. an MLP variant), compiled the same way.
 
 Prints a markdown table: compile result (or the error's first line), seconds, shared memory (flagged
@@ -133,7 +133,8 @@ def collect(only: str | None, dims: list[int], dtypes: list[str], chunk_list: li
             continue
         module, ir = import_spec(text, str(path), out, "_check_sm90_")
         names = kernel_names(module)
-        if not names and ir.memory.kind == "mlp" and LQ_CHUNK.search(text):  # refused: lq(norm=chunk)
+        chunk_kernels = [n for n in names if n != "_step_kernel"]
+        if not chunk_kernels and ir.memory.kind == "mlp" and LQ_CHUNK.search(text):  # refused: lq(norm=chunk)
             stem, text = f"{stem}-token", LQ_CHUNK.sub(r"lq(\1, norm=token)", text)
             module, ir = import_spec(text, str(path), out, "_check_sm90_token_")
             names = kernel_names(module)
