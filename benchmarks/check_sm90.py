@@ -10,7 +10,8 @@ head dims K = V = 64 (and 128 for matrix memories; --dims picks others), the spe
 memories), bf16 and fp32 inputs (LOWP as the launchers choose it); step() at a chunk's first token and
 inside a chunk. Identical compilations of a layer are listed once. An example with no Triton kernels
 because of its lq(norm=chunk) retention (Moneta, which has the fused step only) is compiled as its
-lq(..., norm=token) variant instead, the rule the MLP kernels implement, listed as <stem>-token. --spec FILE adds a spec outside examples/
+lq(..., norm=token) variant instead, the rule the MLP kernels implement, listed as <stem>-token (a --spec
+file is compiled as it is). --spec FILE adds a spec outside examples/
 (e.g. an MLP variant), compiled the same way.
 
 Prints a markdown table: compile result (or the error's first line), seconds, shared memory (flagged
@@ -127,14 +128,15 @@ def collect(only: str | None, dims: list[int], dtypes: list[str], chunk_list: li
     """Fill JOBS with one entry per distinct (layer, kernel compilation); mlp_configs replaces the MLP
     modules' launch settings (_MLP_FWD_CONFIG / _MLP_BWD_CONFIG); extra: more spec files."""
     out = Path(tempfile.mkdtemp(prefix="check_sm90_src_"))
-    for path in [*sorted((ROOT / "examples").glob("*.miras")), *map(Path, extra or [])]:
+    examples = sorted((ROOT / "examples").glob("*.miras"))
+    for path in [*examples, *map(Path, extra or [])]:
         stem, text = path.stem, path.read_text()
         if only and only not in (stem, f"{stem}-token") and not only.endswith(KERNEL_SUFFIX):
             continue
         module, ir = import_spec(text, str(path), out, "_check_sm90_")
         names = kernel_names(module)
         chunk_kernels = [n for n in names if n != "_step_kernel"]
-        if not chunk_kernels and ir.memory.kind == "mlp" and LQ_CHUNK.search(text):  # refused: lq(norm=chunk)
+        if path in examples and not chunk_kernels and ir.memory.kind == "mlp" and LQ_CHUNK.search(text):
             stem, text = f"{stem}-token", LQ_CHUNK.sub(r"lq(\1, norm=token)", text)
             module, ir = import_spec(text, str(path), out, "_check_sm90_token_")
             names = kernel_names(module)
