@@ -28,7 +28,7 @@ def _plans(stem: str, replace: tuple[str, str] | None = None):
 
 
 def _no_step(map_: str) -> str:
-    return f"the fused decode step of an MLP memory covers retention none, decay and lq, not the '{map_}' map"
+    return f"the MLP step kernel covers retention none, decay and lq, not the '{map_}' map"
 
 
 @pytest.mark.parametrize(("stem", "replace", "family", "step", "reason", "step_reason"), [
@@ -91,7 +91,7 @@ def test_explain_plan_prints_every_plan(capsys):
         assert line in out, line
     assert main(["explain", "--plan", str(ROOT / "examples" / "memora.miras")]) == 0
     out = capsys.readouterr().out
-    for line in ("fused decode step (step): Refusal", "reason: \"the fused decode step of an MLP memory covers"):
+    for line in ("fused decode step (step): Refusal", "reason: \"the MLP step kernel covers"):
         assert line in out, line
 
 

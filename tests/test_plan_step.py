@@ -88,6 +88,14 @@ def test_refusals():
     assert isinstance(plan, Refusal) and "depth 1 and 2, got depth 3" in plan.reason
 
 
+@pytest.mark.parametrize("retention", ["kl(axis=value)", "decay(0.9) + bregman", "elastic_net(0.1, form=retain)"])
+def test_mlp_memories_with_other_maps_keep_the_torch_step(retention):
+    plan = plan_step(_layer("l2", [], retention, "0.5", memory="mlp(depth=2, expansion=2, act=gelu)"))
+    assert isinstance(plan, Refusal) and "the MLP step kernel covers retention none, decay and lq" in plan.reason
+    # step() prints the reason in a string literal of a 110-column line, indented 12 spaces
+    assert len(f'            "{plan.reason}")') <= 110
+
+
 def test_titans_plans_the_mlp_step():
     plan = plan_step(_example("titans"))
     assert isinstance(plan, StepMlpPlan)
