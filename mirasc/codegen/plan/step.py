@@ -9,9 +9,10 @@ launcher passes for them, and the one table of launch settings. It decides on it
 covers, independently of the chunk kernels' plan (plan/linear.py).
 
 The MLP step kernel (`StepMlpPlan`) applies one token of an MLP memory's chunk rule, M(x) = [x +] [LN](z_L)
-of depth 1 or 2: the forward at the chunk's base W_b, g = eta dL/dy, the per-layer gradients by
-backpropagation through the MLP, Z' = alpha Z - G (momentum: m' = beta m + G, Z' = alpha Z - m'), and
-o = M(Z'; q), tiled over the hidden columns with the weights read from and written to global memory.
+of depth 1 or 2 with W_l = map(Z_l) (the identity or Moneta's lq map): the forward at the chunk's base
+W_b, g = eta dL/dy, the per-layer gradients by backpropagation through the MLP, Z' = alpha Z - G
+(momentum: m' = beta m + G, Z' = alpha Z - m'), and o = M(map(Z'); q), tiled over the hidden columns with
+the weights read from and written to global memory.
 """
 from __future__ import annotations
 
