@@ -3,8 +3,9 @@
     python benchmarks/bench_step.py            # writes $OUT/step.md when $OUT is set
     TRITON_INTERPRET=1 python benchmarks/bench_step.py --smoke   # a CPU dry run of the script's paths
 
-Layers: the example specs with a fused step (RetNet, DeltaNet, Gated DeltaNet) and an lp(p=3) layer
-with a decay gate, at B=8, H=16, K=V=64, bf16 inputs, decoding from a random state.
+Layers: the example specs with a fused step (RetNet, DeltaNet, Gated DeltaNet; the MLP memories of
+Titans, Yaad and TTT-Linear) and an lp(p=3) layer with a decay gate, at B=8, H=16, K=V=64, bf16 inputs,
+decoding from a random state.
 Agreement: 16 tokens decoded with backend="triton" and backend="torch" from one random state; the
 relative error (norm over all elements) of the outputs and of the final state must stay below 1e-2.
 Speed, per step() call, for each backend (ms):
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import import_spec, lp_decay_spec, rel
-from mirasc.testing import long_sequence_range, make_inputs, make_state
+from mirasc.testing import flatten_state, long_sequence_range, make_inputs, make_state
 
 
 def load(text: str, name: str, out: Path):
@@ -41,7 +42,7 @@ def load(text: str, name: str, out: Path):
 def layers(out: Path) -> list:
     """(label, module, ir) of every layer that has a fused step."""
     found = []
-    for stem in ("retnet", "deltanet", "gated_deltanet"):
+    for stem in ("retnet", "deltanet", "gated_deltanet", "titans", "yaad", "ttt_linear"):
         path = ROOT / "examples" / f"{stem}.miras"
         module, ir = load(path.read_text(), str(path), out)
         if hasattr(module, "_step_kernel"):
@@ -72,7 +73,7 @@ def agreement(module, ir, B, H, K, V, dev, dtype, n=16) -> tuple[float, float]:
             for q, k, v, params in toks:
                 o, state = module.step(q, k, v, **params, state=state, backend=backend)
                 os_.append(o)
-            outs[backend], finals[backend] = torch.stack(os_), state.state
+            outs[backend], finals[backend] = torch.stack(os_), torch.cat([x.flatten() for x in flatten_state(state.state)])
     return rel(outs["triton"], outs["torch"]), rel(finals["triton"], finals["torch"])
 
 

@@ -112,7 +112,8 @@ def record(module, ir, K: int, dtype: torch.dtype, chunk: int) -> list:
         with torch.no_grad():
             qs, ks, vs = (torch.randn(B, H, K, dtype=dtype) for _ in range(3))
             sg = {n: g.detach()[:, 0] if g.dim() > 1 else g.detach() for n, g in gates.items()}
-            _, st = module.step(qs, ks, vs, **sg, chunk_size=chunk, backend="triton")
+            st = module.decode_state(tuple(x.detach() for x in state)) if mlp else None  # an MLP needs W_0
+            _, st = module.step(qs, ks, vs, **sg, state=st, chunk_size=chunk, backend="triton")
             if chunk > 1:  # inside a chunk: BASE_IS_Z (and WRITE_BASE at=retained) change
                 module.step(qs, ks, vs, **sg, state=st, chunk_size=chunk, backend="triton")
     return calls

@@ -27,17 +27,18 @@ def _plans(stem: str, replace: tuple[str, str] | None = None):
     return plans(compile_spec(text, f"{stem}.miras").ir, __version__)
 
 
-_NO_STEP = "the fused decode step covers matrix memories only"
+def _no_step(map_: str) -> str:
+    return f"the MLP step kernel covers retention none, decay and lq, not the '{map_}' map"
 
 
 @pytest.mark.parametrize(("stem", "replace", "family", "step", "reason", "step_reason"), [
     pytest.param("gated_deltanet", None, "linear", True, "", "", id="gated_deltanet-linear-and-step"),
     pytest.param("quantile", None, "linear", True, "", "", id="quantile-momentum-linear-and-step"),
-    pytest.param("titans", None, "mlp", False, "", _NO_STEP, id="titans-mlp"),
-    pytest.param("moneta", ("lq(q=4)", "lq(q=4, norm=token)"), "mlp", False, "", _NO_STEP, id="moneta-token-mlp"),
-    pytest.param("moneta", None, "mlp", False, "", _NO_STEP, id="moneta-chunk-mlp"),
+    pytest.param("titans", None, "mlp", True, "", "", id="titans-mlp-and-step"),
+    pytest.param("moneta", ("lq(q=4)", "lq(q=4, norm=token)"), "mlp", True, "", "", id="moneta-token-mlp-and-step"),
+    pytest.param("moneta", None, "mlp", True, "", "", id="moneta-chunk-mlp-and-step"),
     pytest.param("memora", None, None, False, "the retention map 'softmax' has no triton kernel for MLP memories",
-                 _NO_STEP, id="memora-refused"),
+                 _no_step("softmax"), id="memora-refused"),
 ])
 def test_one_kernel_decision(stem, replace, family, step, reason, step_reason):
     p = _plans(stem, replace)
@@ -85,7 +86,11 @@ def test_explain_plan_prints_every_plan(capsys):
         assert line in out, line
     assert main(["explain", "--plan", str(ROOT / "examples" / "titans.miras")]) == 0
     out = capsys.readouterr().out
-    for line in ("fused decode step (step): Refusal", "reason: 'the fused decode step covers matrix memories only'"):
+    for line in ("fused decode step (step): StepMlpPlan", "depth: 2"):
+        assert line in out, line
+    assert main(["explain", "--plan", str(ROOT / "examples" / "memora.miras")]) == 0
+    out = capsys.readouterr().out
+    for line in ("fused decode step (step): Refusal", "reason: \"the MLP step kernel covers"):
         assert line in out, line
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mirasc.codegen.plan import Refusal
-from mirasc.codegen.plan.step import StepPlan, plan_step
+from mirasc.codegen.plan.step import StepMlpPlan, StepPlan, plan_step
 from mirasc.frontend import load_spec
 from mirasc.symbolic.derive import derive
 
@@ -79,9 +79,63 @@ def test_launch_table_covers_every_tile_the_kernel_accepts():
 
 
 def test_refusals():
-    for name in ("titans", "moneta", "memora"):  # MLP memories (momentum, lq, kl)
-        plan = plan_step(_example(name))
-        assert isinstance(plan, Refusal) and "covers matrix memories only" in plan.reason, plan
+    plan = plan_step(_example("memora"))  # an MLP memory with the kl map
+    assert isinstance(plan, Refusal) and "covers retention none, decay and lq, not the 'softmax' map" in plan.reason
+    plan = plan_step(_layer("l2", ["gate a : head = sigmoid(rank=4, init=0.9)"], "decay(a) + lq(q=3, norm=token)",
+                            "0.5", at="retained", memory="mlp(depth=2, expansion=2, act=gelu)"))
+    assert isinstance(plan, Refusal) and "no lq map with at=retained" in plan.reason
+    plan = plan_step(_layer("l2", [], "none", "0.5", memory="mlp(depth=3, expansion=2, act=gelu)"))
+    assert isinstance(plan, Refusal) and "depth 1 and 2, got depth 3" in plan.reason
+
+
+@pytest.mark.parametrize("retention", ["kl(axis=value)", "decay(0.9) + bregman", "elastic_net(0.1, form=retain)"])
+def test_mlp_memories_with_other_maps_keep_the_torch_step(retention):
+    plan = plan_step(_layer("l2", [], retention, "0.5", memory="mlp(depth=2, expansion=2, act=gelu)"))
+    assert isinstance(plan, Refusal) and "the MLP step kernel covers retention none, decay and lq" in plan.reason
+    # step() prints the reason in a string literal of a 110-column line, indented 12 spaces
+    assert len(f'            "{plan.reason}")') <= 110
+
+
+def test_titans_plans_the_mlp_step():
+    plan = plan_step(_example("titans"))
+    assert isinstance(plan, StepMlpPlan)
+    assert (plan.depth, plan.act, plan.norm, plan.residual) == (2, "silu", False, True)
+    assert plan.momentum and plan.needs_y and plan.forward and not plan.at_retained
+    assert (plan.lr.input.public, plan.decay.input.public, plan.beta.input.public) == ("theta", "alpha", "eta")
+    assert [p.public for p in plan.inputs] == ["theta", "eta", "alpha"] and plan.bias_params == ()
+    assert plan.layers == (1, 2) and plan.names("z", "_ptr") == "z1_ptr, z2_ptr"
+    assert plan.names_tuple("b") == "(b1, b2)"
+    assert "def _bias_grad(" in plan.bias_src and "def _tl_dact(" in plan.activation_src
+    assert "def _step_ln(" in plan.library and "def _step_vecmat(" in plan.library
+    assert plan.map == "id" and not plan.lq_chunk and not plan.chunk_end
+    assert "_mm" in plan.pasted  # the MLP chunk kernels' library: the step pastes none of it again
+
+
+def test_moneta_plans_the_lq_step():
+    plan = plan_step(_example("moneta"))  # lq(q=4), norm=chunk: the MLP chunk kernels refuse it
+    assert isinstance(plan, StepMlpPlan) and plan.map == "lq" and plan.lq_chunk and plan.chunk_end
+    assert (plan.lq.q, plan.lq.qi, plan.lq.pw) == (4.0, 4, 0.5) and plan.pasted == ()
+    assert "def _lq_pow(" in plan.library and "def _step_lq_r(" in plan.library
+    plan = plan_step(_layer("l2", [], "lq(q=3, norm=token)", "0.5", memory="mlp(depth=2, expansion=2, act=gelu)"))
+    assert plan.map == "lq" and not plan.lq_chunk and not plan.chunk_end
+    assert "_lq_pow" in plan.pasted and "def _lq_pow(" not in plan.library  # the chunk kernels paste it
+    assert "def _step_lq_r(" in plan.library
+
+
+def test_mlp_step_variants():
+    plan = plan_step(_example("ttt_linear"))  # depth 1: no activation, x + LN(x W), no retention
+    assert isinstance(plan, StepMlpPlan) and plan.depth == 1 and plan.activation_src == ""
+    assert plan.norm and plan.residual and not plan.momentum and plan.decay.arg == "None"
+    assert plan.names_tuple("z") == "(z1,)"
+    plan = plan_step(_example("yaad"))  # a bias parameter per head
+    assert isinstance(plan, StepMlpPlan) and [p.public for p in plan.bias_params] == ["delta"]
+    plan = plan_step(_layer("dot", ["param a = learnable(0.9, sigmoid)"], "decay(a)", "0.5", at="retained",
+                            memory="mlp(depth=2, expansion=2, act=gelu, residual=false, norm=false)"))
+    assert plan.at_retained and not plan.needs_y and not plan.forward  # y-independent, no LN: no forward
+    assert plan.decay.input.layout == "learnable" and plan.lr.arg == "None" and plan.lr.lit == 0.5
+    plan = plan_step(_layer("dot", [], "none", "0.5", at="retained",
+                            memory="mlp(depth=2, expansion=2, act=gelu, residual=false, norm=true)"))
+    assert plan.forward and not plan.at_retained  # the LayerNorm's backward needs z_L; no decay to retain
 
 
 def test_gd_without_a_map_sets_no_new_flags():

@@ -127,3 +127,67 @@ def test_step_map_matches_torch(map_, axis, scale, q, scale_z, tmp_path):
     assert (out[K:] == 0).all() and (out[:, V:] == 0).all(), "padded entries must read 0"
     if scale_z:
         assert want.abs().max() > 1e-3  # a map that returned zeros could not pass
+
+
+_LN = """
+@triton.jit
+def ln_kernel(z_ptr, g_ptr, n_ptr, rstd_ptr, dz_ptr, V, BV: tl.constexpr):
+    rv = tl.arange(0, BV)
+    vmask = rv < V
+    z = tl.load(z_ptr + rv[None, :], mask=vmask[None, :], other=0.0)
+    g = tl.load(g_ptr + rv[None, :], mask=vmask[None, :], other=0.0)
+    n, rstd = _step_ln(z, vmask)
+    tl.store(n_ptr + rv[None, :], n)
+    tl.store(rstd_ptr + rv[None, :], tl.zeros([1, BV], dtype=tl.float32) + rstd)
+    tl.store(dz_ptr + rv[None, :], _step_ln_vjp(g, n, rstd, vmask))
+"""
+
+
+@pytest.mark.parametrize("V", [5, 8])
+def test_step_ln_and_its_vjp_match_torch(V, tmp_path):
+    """The MLP step's LayerNorm (no affine, eps 1e-5) of one row and its VJP against F.layer_norm and
+    autograd, in float64 for the oracle; padded columns read 0."""
+    module = load_with_library(["_step_ln", "_step_ln_vjp"], _LN, tmp_path)
+    g = torch.Generator().manual_seed(23)
+    BV = 8
+    z = 3.0 * torch.randn(V, generator=g) + 0.5
+    cot = torch.randn(V, generator=g)
+    n, rstd, dz = (torch.full((BV,), float("nan")) for _ in range(3))
+    module.ln_kernel[(1,)](z, cot, n, rstd, dz, V, BV=BV)
+    z64 = z.double().requires_grad_()
+    want = torch.nn.functional.layer_norm(z64, (V,), eps=1e-5)
+    (want_dz,) = torch.autograd.grad(want, z64, cot.double())
+    torch.testing.assert_close(n[:V].double(), want.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dz[:V].double(), want_dz, rtol=1e-5, atol=1e-6)
+    want_rstd = 1.0 / torch.sqrt(z.double().var(unbiased=False) + 1e-5)
+    torch.testing.assert_close(rstd[0].double(), want_rstd, rtol=1e-5, atol=0)
+    assert (n[V:] == 0).all() and (dz[V:] == 0).all()
+
+
+_LQ_R = """
+@triton.jit
+def lq_r_kernel(z_ptr, out_ptr, K, V, BK: tl.constexpr, BV: tl.constexpr, Q: tl.constexpr, QI: tl.constexpr,
+                PW: tl.constexpr, EPS: tl.constexpr, R0: tl.constexpr):
+    rk = tl.arange(0, BK)
+    rv = tl.arange(0, BV)
+    z = tl.load(z_ptr + rk[:, None] * V + rv[None, :], mask=(rk < K)[:, None] & (rv < V)[None, :], other=0.0)
+    s = tl.sum(tl.zeros([BK], dtype=tl.float32), axis=0)
+    for i in range(0, 2):  # the sum of two half tiles, as a kernel sums a matrix tile by tile
+        half = tl.where((rk >= i * BK // 2) & (rk < (i + 1) * BK // 2), 1.0, 0.0)[:, None]
+        s += tl.sum(tl.sum(_lq_pow(z * half, Q, QI), axis=1), axis=0)
+    tl.store(out_ptr + tl.arange(0, 2), tl.join(_step_lq_r(s, PW, EPS, R0),
+                                                _step_lq_rnorm(z, Q, QI, PW, EPS, R0)))
+"""
+
+
+@pytest.mark.parametrize("q", [3.0, 2.5])
+def test_step_lq_r_from_a_tiled_sum_equals_the_whole_matrix_norm(q, tmp_path):
+    module = load_with_library(["_step_lq_r", "_step_lq_rnorm"], _LQ_R, tmp_path)
+    g = torch.Generator().manual_seed(24)
+    K, V, BK, BV = 6, 5, 8, 8
+    z = torch.randn(K, V, generator=g)
+    out = torch.full((2,), float("nan"))
+    qi = int(q) if q == int(q) else 0
+    module.lq_r_kernel[(1,)](z, out, K, V, BK=BK, BV=BV, Q=q, QI=qi, PW=(q - 2) / q, EPS=1e-6, R0=1e6)
+    want = 1.0 / z.double().abs().pow(q).sum().pow((q - 2) / q).clamp_min(1e-6)
+    torch.testing.assert_close(out.double(), want.expand(2), rtol=1e-5, atol=0)

@@ -275,7 +275,7 @@ def test_triton_step_refusals(tmp_path, monkeypatch, compiled_examples):
         module.step(q[:, 0], k[:, 0], v[:, 0], **tok, state=s0, backend="triton")
     assert counter.launches == 0
     # Layers without triton kernels keep the torch step and say why backend='triton' cannot run.
-    for name in ("titans", "moneta"):  # momentum; an MLP memory
+    for name in ("memora",):  # an MLP memory with the kl map
         other, other_ir = compiled_examples[name]
         assert not hasattr(other, "_step_kernel")
         x = torch.zeros(1, other_ir.block.heads, other_ir.block.key_dim)

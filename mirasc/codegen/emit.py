@@ -31,7 +31,7 @@ from .plan.module import (
     inverse_activation,
     plan_module,
 )
-from .plan.step import StepPlan, plan_step
+from .plan.step import StepMlpPlan, StepPlan, plan_step
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class Plans:
     module: ModulePlan
     linear: LinearPlan | Refusal
     mlp: MlpPlan | Refusal | None  # None for a matrix memory
-    step: StepPlan | Refusal
+    step: StepPlan | StepMlpPlan | Refusal
 
 
 def plans(ir: LayerIR, version: str) -> Plans:

@@ -22,7 +22,7 @@ from ..triton import BiasParam, bias_params_of, input_ident, layout_of, operand_
 from . import Refusal
 from .linear import LinearPlan
 from .mlp import MlpPlan
-from .step import StepPlan
+from .step import StepMlpPlan, StepPlan
 
 # Names of memory()/step() arguments: a runtime parameter may not shadow them.
 ARGUMENT_NAMES = frozenset(
@@ -453,11 +453,11 @@ def _bias(ir: LayerIR) -> BiasPlan:
 
 
 def choose_kernels(ir: LayerIR, linear: LinearPlan | Refusal, mlp: MlpPlan | Refusal | None,
-                   step: StepPlan | Refusal) -> KernelChoice:
+                   step: StepPlan | StepMlpPlan | Refusal) -> KernelChoice:
     """The one decision of which fused kernels a layer gets, from its family plans (each a plan or the
     one reason it has none): the memory's own family (matrix or MLP), and the fused decode step."""
     family_plan = mlp if ir.memory.kind == "mlp" else linear
-    has_step = isinstance(step, StepPlan)
+    has_step = isinstance(step, (StepPlan, StepMlpPlan))
     step_reason = "" if has_step else step.reason
     if isinstance(family_plan, Refusal):
         return KernelChoice(None, has_step, family_plan.reason, step_reason)

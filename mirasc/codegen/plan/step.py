@@ -1,4 +1,5 @@
-"""The fused decode step's plan: what templates/triton_step.py.j2 generates for a layer, or why it cannot.
+"""The fused decode step's plan: what templates/triton_step.py.j2 (matrix memories) and
+templates/triton_step_mlp.py.j2 (MLP memories) generate for a layer, or why they cannot.
 
 The step kernel applies one token of a matrix memory's chunk rule (docs/semantics.md, "Chunks" and "The
 decode step"): y = k map(Z_b), g = eta dL/dy(y, v), m' = beta m + k^T g (momentum), Z' = alpha Z - m'
@@ -6,9 +7,16 @@ decode step"): y = k map(Z_b), g = eta dL/dy(y, v), m' = beta m + k^T g (momentu
 and the map's constants, per-channel operands) and absent tensors (None): the plan holds the values the
 launcher passes for them, and the one table of launch settings. It decides on its own which layers it
 covers, independently of the chunk kernels' plan (plan/linear.py).
+
+The MLP step kernel (`StepMlpPlan`) applies one token of an MLP memory's chunk rule, M(x) = [x +] [LN](z_L)
+of depth 1 or 2 with W_l = map(Z_l) (the identity or Moneta's lq map): the forward at the chunk's base
+W_b, g = eta dL/dy, the per-layer gradients by backpropagation through the MLP, Z' = alpha Z - G
+(momentum: m' = beta m + G, Z' = alpha Z - m'), and o = M(map(Z'); q), tiled over the hidden columns with
+the weights read from and written to global memory.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ...ir import LayerIR
@@ -101,6 +109,67 @@ class StepPlan:
         return triton_lib.source(self.helpers)
 
 
+@dataclass(frozen=True)
+class StepMlpPlan:
+    """The MLP step kernel's variant: the operands as in StepPlan (retention none or decay, and Moneta's
+    lq map), and the memory's shape: depth 1 (one [K, V] tile) or 2 (W_1 [K, X], W_2 [X, V], looped over
+    BX hidden columns at a time)."""
+
+    inputs: tuple[StepInput, ...]  # every input the kernel reads, each once, in keyword order
+    bias_params: tuple[StepInput, ...]  # the bias's non-constant parameters, in _bias_grad's order
+    lr: StepOperand
+    decay: StepOperand  # the literal 1.0 without decay
+    momentum: bool  # the state is (Z_1..Z_L, m_1..m_L): m' = beta m + G, Z' = alpha Z - m'
+    beta: StepOperand  # the momentum decay (the literal 1.0 for gd: unused)
+    needs_y: bool  # the bias gradient depends on y = M(W_b; k)
+    at_retained: bool  # the gradient point is alpha W_b (every layer's pre-activation scaled by alpha)
+    map: str  # "id" or "lq": each weight matrix W_l = Z_l / n(Z_l)
+    lq: StepLq  # the lq map's constants (unused without it)
+    lq_chunk: bool  # lq(norm=chunk): a token inside a chunk reads Z' / n(Z_b), the chunk's last Z' / n(Z')
+    depth: int  # 1 or 2
+    act: str  # the hidden activation (depth 2): _tl_act / _tl_dact
+    norm: bool  # M ends in a LayerNorm without affine parameters (eps 1e-5)
+    residual: bool  # M adds its input (K = V)
+    bias_src: str  # the @triton.jit _bias_grad (printed by the MLP chunk kernels too; see the template)
+    activation_src: str  # the @triton.jit _tl_act / _tl_dact / _tl_d2act ("" at depth 1)
+    max_dim: int  # the largest K and V: a [BK, BV] tile (depth 1), [BK, BX] and [BX, BV] tiles (depth 2)
+    bx: int  # hidden columns per tile (depth 2)
+    # launch settings: (largest tile, num_warps), the first row that fits is used; the tile is BK * BV at
+    # depth 1, BX * max(BK, BV) at depth 2
+    warps: tuple[tuple[int, int], ...]
+    helpers: tuple[str, ...]  # the mirasc.codegen.triton_lib functions the kernel calls
+    pasted: tuple[str, ...]  # library functions the MLP chunk kernels paste into the module already
+
+    @property
+    def chunk_end(self) -> bool:
+        """Whether the kernel needs to know that the token ends its chunk (a tl.constexpr CHUNK_END)."""
+        return self.lq_chunk
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The weight matrices' numbers 1..depth (the kernel's and launcher's per-layer arguments)."""
+        return tuple(range(1, self.depth + 1))
+
+    def names(self, prefix: str, suffix: str = "") -> str:
+        """The per-layer argument names of generated code, e.g. "z1, z2" or "z1_ptr, z2_ptr"."""
+        return ", ".join(f"{prefix}{n}{suffix}" for n in self.layers)
+
+    def names_tuple(self, prefix: str) -> str:
+        """The per-layer names as a tuple display, e.g. "(z1,)" or "(z1, z2)"."""
+        return f"({self.names(prefix)}{',' if self.depth == 1 else ''})"
+
+    @property
+    def forward(self) -> bool:
+        """Whether the kernel computes M(W_b; k) (the bias reads y, or the LayerNorm's backward needs z_L)."""
+        return self.needs_y or self.norm
+
+    @property
+    def library(self) -> str:
+        from .. import triton_lib
+
+        return triton_lib.source(self.helpers, exclude=self.pasted)
+
+
 def _input(ir: LayerIR, name: str) -> StepInput:
     from ..triton import input_ident, layout_of
 
@@ -119,14 +188,66 @@ def _operand(ir: LayerIR, op) -> StepOperand:
     return StepOperand(1.0, _input(ir, op))
 
 
-def plan_step(ir: LayerIR) -> StepPlan | Refusal:
+def _plan_step_mlp(ir: LayerIR) -> StepMlpPlan | Refusal:
+    from ..printers import triton_activation_source
+    from ..triton import bias_functions, bias_params_of
+    from .mlp import plan_mlp
+
+    mem, ret, alg = ir.memory, ir.retention, ir.algorithm
+    if mem.depth > 2:
+        return Refusal(f"the fused decode step covers MLP memories of depth 1 and 2, got depth {mem.depth}")
+    map_ = ret.effective_map  # lq with q = 2 is the identity
+    if map_ not in ("id", "lq"):
+        # (short: the generated module prints it inside a 110-column line)
+        return Refusal(f"the MLP step kernel covers retention none, decay and lq, not the '{map_}' map")
+    lr = _operand(ir, alg.lr)
+    decay = _operand(ir, ret.alpha)
+    momentum = alg.kind == "momentum"
+    beta = _operand(ir, alg.beta) if momentum else StepOperand(1.0, None)
+    has_decay = decay.input is not None or decay.lit != 1.0
+    if map_ == "lq" and alg.at == "retained" and has_decay:
+        # the gradient point map(alpha Z_b) is then no scaling of the base
+        return Refusal("the fused decode step of an MLP memory has no lq map with at=retained and a decay")
+    mlp = plan_mlp(ir)
+    pasted = () if isinstance(mlp, Refusal) else tuple(re.findall(r"^def (\w+)\(", mlp.library_src, re.MULTILINE))
+    used = {op for op in (alg.lr, ret.alpha, alg.beta if momentum else None, *ir.bias.params)
+            if isinstance(op, str)}
+    return StepMlpPlan(
+        inputs=tuple(_input(ir, p.name) for p in ir.backend_inputs() if p.name in used),
+        bias_params=tuple(_input(ir, n) for n in ir.bias.params),
+        lr=lr,
+        decay=decay,
+        momentum=momentum,
+        beta=beta,
+        needs_y=ir.bias.klass != "independent",
+        at_retained=alg.at == "retained" and has_decay,
+        map=map_,
+        lq=_lq(ret.q, ret.eps) if map_ == "lq" else _lq(3.0, 1e-6),
+        lq_chunk=map_ == "lq" and ret.norm == "chunk",
+        depth=mem.depth,
+        act=mem.act,
+        norm=bool(mem.norm),
+        residual=bool(mem.residual),
+        bias_src=bias_functions(ir, bias_params_of(ir)),
+        activation_src=triton_activation_source(mem.act) if mem.depth > 1 else "",
+        max_dim=128,
+        bx=32,
+        warps=((4096, 4), (128 * 128, 8)),
+        helpers=("_step_input", "_step_vecmat", "_step_ln", "_step_ln_vjp", "_step_lq_rnorm", "_step_lq_r"),
+        pasted=pasted,
+    )
+
+
+def plan_step(ir: LayerIR) -> StepPlan | StepMlpPlan | Refusal:
     """The step kernel's plan, or the one reason the layer has none."""
     from ..triton import bias_functions, bias_params_of
 
-    if ir.memory.kind != "linear":
-        return Refusal("the fused decode step covers matrix memories only")
     if ir.bias.vjp is None:
         return Refusal("the bias carries no derived Triton functions (no VJP)")
+    if ir.memory.kind == "mlp":
+        return _plan_step_mlp(ir)
+    if ir.memory.kind != "linear":
+        return Refusal(f"the fused decode step has no kernel for '{ir.memory.kind}' memories")
     ret, alg = ir.retention, ir.algorithm
     lr = _operand(ir, alg.lr)
     decay = _operand(ir, ret.alpha)
@@ -163,4 +284,4 @@ def plan_step(ir: LayerIR) -> StepPlan | Refusal:
     )
 
 
-__all__ = ["StepInput", "StepLq", "StepOperand", "StepPlan", "plan_step"]
+__all__ = ["StepInput", "StepLq", "StepMlpPlan", "StepOperand", "StepPlan", "plan_step"]

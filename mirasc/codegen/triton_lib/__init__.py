@@ -69,10 +69,11 @@ def closure(wanted) -> list[str]:
     return order
 
 
-def source(wanted, indent: int = 0) -> str:
-    """The source of `closure(wanted)`, two blank lines between functions, indented by `indent` spaces."""
+def source(wanted, indent: int = 0, exclude=()) -> str:
+    """The source of `closure(wanted)`, two blank lines between functions, indented by `indent` spaces;
+    `exclude`: names the module defines already (pasted by another kernel family), left out."""
     lib = _library()
-    text = "\n\n\n".join(lib[name][0] for name in closure(wanted))
+    text = "\n\n\n".join(lib[name][0] for name in closure(wanted) if name not in exclude)
     return textwrap.indent(text, " " * indent) if indent else text
 
 

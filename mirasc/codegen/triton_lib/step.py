@@ -28,7 +28,12 @@ def _step_lq_rnorm(z, Q: tl.constexpr, QI: tl.constexpr, PW: tl.constexpr, EPS: 
     """1 / n(Z) of a whole matrix z [BK, BV] (padded entries 0), n(Z) = max(||Z||_q^(q-2), EPS): Moneta's
     lq map is W = Z * this. PW = (q - 2) / q; R0 is the value at Z = 0 (1 / EPS for q > 2; 0 for q < 2,
     where the norm's power is infinite there), so no infinity is formed."""
-    s = tl.sum(tl.sum(_lq_pow(z, Q, QI), axis=1), axis=0)  # ||Z||_q^q
+    return _step_lq_r(tl.sum(tl.sum(_lq_pow(z, Q, QI), axis=1), axis=0), PW, EPS, R0)
+
+
+@triton.jit
+def _step_lq_r(s, PW: tl.constexpr, EPS: tl.constexpr, R0: tl.constexpr):
+    """1 / n(Z) from s = ||Z||_q^q (a matrix summed tile by tile): min(s^(-PW), 1 / EPS), R0 at s = 0."""
     r = tl.where(s > 0.0, tl.exp(-PW * tl.log(tl.maximum(s, 1e-30))), R0)
     return tl.minimum(r, 1.0 / EPS)
 
@@ -62,3 +67,23 @@ def _step_map(z, smask, gamma, MAP: tl.constexpr, KL_AXIS: tl.constexpr, KL_SCAL
     else:
         w = z - tl.minimum(tl.maximum(z, -gamma), gamma)
     return w
+
+
+@triton.jit
+def _step_ln(z, vmask):
+    """LayerNorm without affine parameters (eps 1e-5) of one row z [1, BV] (padded columns 0) over the
+    true V columns: (the normalized row, 0 at padded columns; 1 / std, [1, 1])."""
+    n_v = tl.sum(vmask.to(tl.float32), axis=0)
+    c = tl.where(vmask[None, :], z - tl.sum(z, axis=1)[:, None] / n_v, 0.0)
+    rstd = tl.rsqrt(tl.sum(c * c, axis=1)[:, None] / n_v + 1e-5)
+    return c * rstd, rstd
+
+
+@triton.jit
+def _step_ln_vjp(g, n, rstd, vmask):
+    """The cotangent of _step_ln's input from g [1, BV] (padded columns 0), its output n and 1 / std:
+    rstd (g - mean(g) - n mean(g n)), means over the true V columns."""
+    n_v = tl.sum(vmask.to(tl.float32), axis=0)
+    mean_g = tl.sum(g, axis=1)[:, None] / n_v
+    mean_gn = tl.sum(g * n, axis=1)[:, None] / n_v
+    return tl.where(vmask[None, :], rstd * (g - mean_g - n * mean_gn), 0.0)
