@@ -112,10 +112,11 @@ def test_titans_plans_the_mlp_step():
 
 
 def test_moneta_plans_the_lq_step():
-    plan = plan_step(_example("moneta"))  # lq(q=4), norm=chunk: the MLP chunk kernels refuse it
+    plan = plan_step(_example("moneta"))  # lq(q=4), norm=chunk
     assert isinstance(plan, StepMlpPlan) and plan.map == "lq" and plan.lq_chunk and plan.chunk_end
-    assert (plan.lq.q, plan.lq.qi, plan.lq.pw) == (4.0, 4, 0.5) and plan.pasted == ()
-    assert "def _lq_pow(" in plan.library and "def _step_lq_r(" in plan.library
+    assert (plan.lq.q, plan.lq.qi, plan.lq.pw) == (4.0, 4, 0.5)
+    assert "_lq_pow" in plan.pasted and "def _lq_pow(" not in plan.library  # the chunk kernels paste it
+    assert "def _step_lq_r(" in plan.library
     plan = plan_step(_layer("l2", [], "lq(q=3, norm=token)", "0.5", memory="mlp(depth=2, expansion=2, act=gelu)"))
     assert plan.map == "lq" and not plan.lq_chunk and not plan.chunk_end
     assert "_lq_pow" in plan.pasted and "def _lq_pow(" not in plan.library  # the chunk kernels paste it
