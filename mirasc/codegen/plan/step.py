@@ -188,39 +188,47 @@ def _operand(ir: LayerIR, op) -> StepOperand:
     return StepOperand(1.0, _input(ir, op))
 
 
+def _rule_fields(ir: LayerIR, gamma=None) -> dict:
+    """The fields both step plans share: the inputs the kernel reads (each once), the bias parameters,
+    the learning rate, the decay and the momentum gate as operands, and the gradient point."""
+    ret, alg = ir.retention, ir.algorithm
+    decay = _operand(ir, ret.alpha)
+    momentum = alg.kind == "momentum"
+    has_decay = decay.input is not None or decay.lit != 1.0
+    used = {op for op in (alg.lr, ret.alpha, alg.beta if momentum else None, gamma, *ir.bias.params)
+            if isinstance(op, str)}
+    return {
+        "inputs": tuple(_input(ir, p.name) for p in ir.backend_inputs() if p.name in used),
+        "bias_params": tuple(_input(ir, n) for n in ir.bias.params),
+        "lr": _operand(ir, alg.lr),
+        "decay": decay,
+        "momentum": momentum,
+        "beta": _operand(ir, alg.beta) if momentum else StepOperand(1.0, None),
+        "needs_y": ir.bias.klass != "independent",
+        "at_retained": alg.at == "retained" and has_decay,
+    }
+
+
 def _plan_step_mlp(ir: LayerIR) -> StepMlpPlan | Refusal:
     from ..printers import triton_activation_source
     from ..triton import bias_functions, bias_params_of
     from .mlp import plan_mlp
 
-    mem, ret, alg = ir.memory, ir.retention, ir.algorithm
+    mem, ret = ir.memory, ir.retention
     if mem.depth > 2:
         return Refusal(f"the fused decode step covers MLP memories of depth 1 and 2, got depth {mem.depth}")
     map_ = ret.effective_map  # lq with q = 2 is the identity
     if map_ not in ("id", "lq"):
         # (short: the generated module prints it inside a 110-column line)
         return Refusal(f"the MLP step kernel covers retention none, decay and lq, not the '{map_}' map")
-    lr = _operand(ir, alg.lr)
-    decay = _operand(ir, ret.alpha)
-    momentum = alg.kind == "momentum"
-    beta = _operand(ir, alg.beta) if momentum else StepOperand(1.0, None)
-    has_decay = decay.input is not None or decay.lit != 1.0
-    if map_ == "lq" and alg.at == "retained" and has_decay:
+    rule = _rule_fields(ir)
+    if map_ == "lq" and rule["at_retained"]:
         # the gradient point map(alpha Z_b) is then no scaling of the base
         return Refusal("the fused decode step of an MLP memory has no lq map with at=retained and a decay")
     mlp = plan_mlp(ir)
     pasted = () if isinstance(mlp, Refusal) else tuple(re.findall(r"^def (\w+)\(", mlp.library_src, re.MULTILINE))
-    used = {op for op in (alg.lr, ret.alpha, alg.beta if momentum else None, *ir.bias.params)
-            if isinstance(op, str)}
     return StepMlpPlan(
-        inputs=tuple(_input(ir, p.name) for p in ir.backend_inputs() if p.name in used),
-        bias_params=tuple(_input(ir, n) for n in ir.bias.params),
-        lr=lr,
-        decay=decay,
-        momentum=momentum,
-        beta=beta,
-        needs_y=ir.bias.klass != "independent",
-        at_retained=alg.at == "retained" and has_decay,
+        **rule,
         map=map_,
         lq=_lq(ret.q, ret.eps) if map_ == "lq" else _lq(3.0, 1e-6),
         lq_chunk=map_ == "lq" and ret.norm == "chunk",
@@ -248,27 +256,12 @@ def plan_step(ir: LayerIR) -> StepPlan | StepMlpPlan | Refusal:
         return _plan_step_mlp(ir)
     if ir.memory.kind != "linear":
         return Refusal(f"the fused decode step has no kernel for '{ir.memory.kind}' memories")
-    ret, alg = ir.retention, ir.algorithm
-    lr = _operand(ir, alg.lr)
-    decay = _operand(ir, ret.alpha)
-    momentum = alg.kind == "momentum"
-    beta = _operand(ir, alg.beta) if momentum else StepOperand(1.0, None)
+    ret = ir.retention
     map_ = ret.effective_map  # lq with q = 2 is the identity
     prox = map_ == "soft_threshold" and ret.form == "prox"
     gamma = _operand(ir, ret.gamma) if map_ == "soft_threshold" else StepOperand(0.0, None)
-    has_decay = decay.input is not None or decay.lit != 1.0
-    used = {op for op in (alg.lr, ret.alpha, alg.beta if momentum else None,
-                          ret.gamma if map_ == "soft_threshold" else None, *ir.bias.params) if isinstance(op, str)}
-    inputs = tuple(_input(ir, p.name) for p in ir.backend_inputs() if p.name in used)
     return StepPlan(
-        inputs=inputs,
-        bias_params=tuple(_input(ir, n) for n in ir.bias.params),
-        lr=lr,
-        decay=decay,
-        momentum=momentum,
-        beta=beta,
-        needs_y=ir.bias.klass != "independent",
-        at_retained=alg.at == "retained" and has_decay,
+        **_rule_fields(ir, ret.gamma if map_ == "soft_threshold" else None),
         map=map_,
         base_map=map_ != "id" and not prox,
         prox=prox,
