@@ -560,19 +560,16 @@ def lq_passes_kernel(k_ptr, w_ptr, scr_ptr, E_ptr, C_ptr, dn_ptr, go_ptr, out_pt
 """ + _SETUP + """
     causal = rt[:, None] >= rt[None, :]
     zero = tl.sum(tl.zeros([BT], dtype=tl.float32), axis=0)
-    rf = tl.arange(0, QA * QB)
-    fa = rf // QB
-    fb = rf % QB
     C = tl.load(C_ptr + rt[:, None] * BT + rt[None, :])
     sb, nb, ib = _lq_base_norm(w_ptr, zero, rd, DIN, DOUT, BD, Q, QI, PW, 0.0, EPS)
     tl.store(out_ptr, sb)
     tl.store(out_ptr + 1, ib)
     # slots: 0 d_l (the last layer's, as it is), 1 dd_l, 2 da_(l-1)
-    s, n = _lq_token_norms(w_ptr, None, k_ptr, s0, s0, fa, fb, rt, tmask, E, C, None, BT, QA, QB, DIN, DOUT, 0,
+    s, n = _lq_token_norms(w_ptr, None, k_ptr, s0, s0, rt, tmask, E, C, None, BT, QA, QB, DIN, DOUT, 0,
                            True, True, False, Q, QI, PW, 0.0, EPS)
     tl.store(out_ptr + 2 + rt, n)
     dn = tl.load(dn_ptr + rt)
-    dE, dC, dMm = _lq_norms_vjp(w_ptr, None, k_ptr, s0, s0, fa, fb, rt, tmask, E, C, None, s0 + BT * DM,
+    dE, dC, dMm = _lq_norms_vjp(w_ptr, None, k_ptr, s0, s0, rt, tmask, E, C, None, s0 + BT * DM,
                                 s0 + 2 * BT * DM, go_ptr, None, s, n, dn, tl.zeros([BT], dtype=tl.float32),
                                 tl.zeros([BT, BT], dtype=tl.float32), None, causal, BT, QA, QB, DIN, DOUT, 0, True,
                                 True, False, Q, QI, PW, EPS)
