@@ -95,11 +95,17 @@ class MlpPlan:
     min_chunk: int = MIN_CHUNK
     max_chunk: int = MAX_CHUNK
 
-    def slot_lines(self, slots: tuple[str, ...], width: int = 102) -> list[str]:
-        """The kernels' slot pointers as assignments of at most `width` columns: slot i is
-        scr + i * (BT * DM), a slot of hidden columns shifted by - x0 (see docs/kernels-mlp.md)."""
-        items = [(s, f"scr + {i} * (BT * DM)" + (" - x0" if s in self.hidden_slots else ""))
-                 for i, s in enumerate(slots)]
+    def slot_lines(self, slots: tuple[str, ...]) -> list[str]:
+        """The kernels' slot pointers as assignment lines: slot i is scr + i sz (sz = BT DM), a slot of
+        hidden columns shifted by - x0 (see docs/kernels-mlp.md)."""
+        offsets = ["", " + sz"] + [f" + {i} * sz" for i in range(2, len(slots))]
+        return self.assignments([(s, "scr" + off + (" - x0" if s in self.hidden_slots else ""))
+                                 for s, off in zip(slots, offsets)])
+
+    @staticmethod
+    def assignments(items: list[tuple[str, str]], width: int = 98) -> list[str]:
+        """(name, expression) pairs as tuple assignments of at most `width` columns each (the kernels'
+        pointer lines, indented 12 in the module)."""
         lines: list[list[tuple[str, str]]] = []
         for item in items:
             grown = (lines[-1] if lines else []) + [item]
