@@ -739,12 +739,10 @@ def _st_rows(ptr, row, tmask, x, D: tl.constexpr, BD: tl.constexpr):
 
 
 @triton.jit
-def _output_vjp(do_ptr, v_off, m_v, p, dst, n, dn_none, rv, vmask, V: tl.constexpr, NORM: tl.constexpr,
-                LQ: tl.constexpr):
-    """The read-out's output o = [q +] [LN](p_L) at dL/do: stores dL/dp_L into slot dst (with the lq map,
-    LQ, dL/d(h Z_i) before the division by n(Z_i) of W_L, n) -> (dL/do, dL/dn(Z_i) of W_L), the latter
-    dn_none as passed without the map (a [BT] placeholder: a returned tuple cannot hold None)."""
-    do = tl.load(do_ptr + v_off, mask=m_v, other=0.0).to(tl.float32)
+def _output_vjp(do, p, dst, n, dn_none, rv, vmask, V: tl.constexpr, NORM: tl.constexpr, LQ: tl.constexpr):
+    """The backward of the read-out's output o = [q +] [LN](p_L) at do = dL/do: stores dL/dp_L into slot
+    dst (with the lq map, LQ, dL/d(h Z_i) before the division by n(Z_i) of W_L, n) -> dL/dn(Z_i) of W_L,
+    dn_none as passed without the map (a [BT] placeholder, never None)."""
     dp = do
     if NORM:
         pn, prstd = _ln(p, vmask, V)
@@ -755,7 +753,7 @@ def _output_vjp(do_ptr, v_off, m_v, p, dst, n, dn_none, rv, vmask, V: tl.constex
         dp = dp / n[:, None]
     _st(dst, rv, dp, V)
     tl.debug_barrier()
-    return do, dn
+    return dn
 
 
 @triton.jit
