@@ -159,12 +159,8 @@ def _refusal(ir: LayerIR) -> str | None:
 
 def _layers(depth: int) -> tuple[Layer, ...]:
     dims = ["K"] + ["X"] * (depth - 1) + ["V"]
-    layers, off = [], []
-    for n in range(1, depth + 1):
-        din, dout = dims[n - 1], dims[n]
-        layers.append(Layer(n, din, dout, " + ".join(off) or "0"))
-        off.append(f"{din} * {dout}")
-    return tuple(layers)
+    offsets = ["0", "K * X"] + [f"K * X + {'' if n == 1 else f'{n} * '}X * X" for n in range(1, depth - 1)]
+    return tuple(Layer(n, dims[n - 1], dims[n], offsets[n - 1]) for n in range(1, depth + 1))
 
 
 def _slots(depth: int, split_forward: bool) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:

@@ -758,24 +758,25 @@ def _output_vjp(do, p, dst, n, dn_none, rv, vmask, V: tl.constexpr, NORM: tl.con
 
 @triton.jit
 def _gates_vjp(dE, dC, dcL, de, islast, alpha_ptr, dalpha_ptr, alpha, D, E, dlogE, beta_ptr, dbeta_ptr,
-               beta, Bs, bc, dMm, dMmL, dbcL, dsL, row, tmask, causal, RETAINED: tl.constexpr):
+               part, beta, Bs, bc, dMm, dMmL, dbcL, dsL, row, tmask, causal, RETAINED: tl.constexpr):
     """The gates' gradients of a chunk from the sums of its phases: dL/dE, dL/dC (plus the state
     update's de, dcL of the last token) -> d log alpha (where alpha_ptr is not None; plus dlogE, the
     base pass's part, at=retained: RETAINED) and, with momentum (beta_ptr not None), through C = D Bs
-    and Mm = D bc (dMm, dMmL, dbcL, dsL) d log beta; stored as dL/dalpha, dL/dbeta."""
+    and Mm = D bc (dMm, dMmL, dbcL, dsL) d log beta; stored as dL/dalpha, dL/dbeta (this slice's part:
+    rows part + row)."""
     dE += tl.where(islast, de, 0.0)
     dC += tl.where(islast[:, None], dcL[None, :], 0.0)
     dD = dC
     if beta_ptr is not None:
         dMm += tl.where(islast, dMmL, 0.0)
         dD, dlb = _momentum_gate_vjp(D, Bs, bc, dC, dMm, dbcL, dsL, islast, causal)
-        tl.store(dbeta_ptr + row, dlb / beta, mask=tmask)
+        tl.store(dbeta_ptr + part + row, dlb / beta, mask=tmask)
     if alpha_ptr is not None:
         dlE = E * dE
         if RETAINED:
             dlE += dlogE
         dla = _dlog_gate(dD, D, causal, dlE)  # d log alpha
-        tl.store(dalpha_ptr + row, dla / alpha, mask=tmask)
+        tl.store(dalpha_ptr + part + row, dla / alpha, mask=tmask)
 
 
 @triton.jit
@@ -790,16 +791,16 @@ def _mlp_output(o_ptr, p, q_ptr, row, tmask, v_off, mask, rv, vmask, K: tl.const
 
 
 @triton.jit
-def _st_dqk(dq_ptr, dk_ptr, dq, da0, do, first, row, tmask, K: tl.constexpr, BK: tl.constexpr,
+def _st_dqk(dq_ptr, dk_ptr, part, dq, da0, do, first, row, tmask, K: tl.constexpr, BK: tl.constexpr,
             RESIDUAL: tl.constexpr):
-    """Store a chunk's dL/dq and dL/dk (this slice's part) from slots dq and da0; the residual's dL/dq
-    (do, K = V) counted by the first slice only."""
+    """Store a chunk's dL/dq and dL/dk from slots dq and da0 (this slice's part: rows part + row); the
+    residual's dL/dq (do, K = V) counted by the first slice only."""
     rk = tl.arange(0, BK)
     dqt = _ld(dq, rk, K)
     if RESIDUAL:
         dqt = dqt + tl.where(first[:, None], do, 0.0)
-    _st_rows(dq_ptr, row, tmask, dqt, K, BK)
-    _st_rows(dk_ptr, row, tmask, _ld(da0, rk, K), K, BK)
+    _st_rows(dq_ptr + part * K, row, tmask, dqt, K, BK)
+    _st_rows(dk_ptr + part * K, row, tmask, _ld(da0, rk, K), K, BK)
 
 
 @triton.jit
