@@ -47,6 +47,24 @@ def test_moneta_plan():
     lib = plan.library_src
     assert "def _lq_chunk_end" in lib and "def _lq_chunk_vjp" in lib and "def _head_sum" not in lib
     assert "def _lq_token_norms" not in lib and "def _lq_norms_vjp" not in lib
+    assert plan.flags == {"NORM": True, "RESIDUAL": True, "RETAINED": False, "LQ": True}
+
+
+def test_kernel_flags_and_pointer_lines():
+    """The kernels' constexpr flags follow the memory and the rule; slot and weight pointers are packed into
+    lines of at most 98 columns, every slot once and in order."""
+    titans = plan_mlp(_ir("titans"))
+    assert titans.flags == {"NORM": False, "RESIDUAL": True, "RETAINED": False, "LQ": False}
+    retained = plan_mlp(_spec_ir("mlp(depth=3, expansion=2, act=gelu, residual=false, norm=true)", "decay(0.9)",
+                                 "gd(lr=eta, chunk=16, at=retained)"))
+    assert retained.flags == {"NORM": True, "RESIDUAL": False, "RETAINED": True, "LQ": False}
+    assert [l.off for l in retained.layers] == ["0", "K * X", "K * X + X * X"]
+    lines = retained.slot_lines(retained.bwd_slots)
+    assert all(len(line) <= 98 for line in lines) and len(lines) < len(retained.bwd_slots) / 2
+    names = [n for line in lines for n in line.split(" = ")[0].split(", ")]
+    exprs = [e for line in lines for e in line.split(" = ")[1].split(", ")]
+    assert names == list(retained.bwd_slots)
+    assert exprs[:3] == ["scr - x0", "scr + sz - x0", "scr + 2 * sz"]  # za1, za2 (hidden), za3 (V wide)
 
 
 def test_moneta_token_plan():

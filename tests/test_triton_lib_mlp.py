@@ -1,5 +1,6 @@
 """The MLP kernels' helpers (mirasc/codegen/triton_lib/mlp.py) under Triton's interpreter against torch:
 tile loads and stores, the head sum (one program), the LayerNorm and its VJPs against torch.autograd, the
+read-out's output and its backward (the NORM, RESIDUAL and LQ flags), the
 lq map's powers and norms, a program's tokens, and a chunk's gate products and their log-gradients."""
 from __future__ import annotations
 
@@ -95,6 +96,52 @@ def test_layernorm_and_its_vjps_match_autograd(tmp_path):
     dz, dg = torch.autograd.grad(d, (zz, gg), e.double())
     for got, want in zip(outs, (n, d, dg, dz), strict=True):
         torch.testing.assert_close(got.double(), want.detach(), rtol=2e-4, atol=2e-5)
+
+
+_OUTPUT = """
+@triton.jit
+def output_kernel(p_ptr, q_ptr, do_ptr, n_ptr, o_ptr, dst_ptr, dn_ptr, BT: tl.constexpr, V: tl.constexpr,
+                  BV: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, LQ: tl.constexpr):
+    rt = tl.arange(0, BT)
+    rv = tl.arange(0, BV)
+    vmask = rv < V
+    tmask = rt < BT - 1  # the last row is padding
+    v_off = rt[:, None] * V + rv[None, :]
+    m_v = tmask[:, None] & vmask[None, :]
+    p = tl.load(p_ptr + v_off, mask=m_v, other=0.0)
+    _mlp_output(o_ptr, p, q_ptr, rt, tmask, v_off, m_v, rv, vmask, V, V, NORM, RESIDUAL)
+    do = tl.load(do_ptr + v_off, mask=m_v, other=0.0)
+    dn = _output_vjp(do, p, dst_ptr + rt[:, None] * BV, tl.load(n_ptr + rt), tl.full([BT], -1.0, tl.float32),
+                     rv, vmask, V, NORM, LQ)
+    tl.store(dn_ptr + rt, dn)
+"""
+
+
+@pytest.mark.parametrize("norm,lq", [(True, True), (True, False), (False, True), (False, False)])
+def test_output_and_its_vjp_match_autograd(norm, lq, tmp_path):
+    """o = [q +] [LN](p) (the residual with the LN here) and its backward at dL/do: dL/du for
+    p = u / n (with the lq map, else p = u) and dL/dn."""
+    mod = load_with_library(["_mlp_output", "_output_vjp"], _OUTPUT, tmp_path)
+    BT, V, BV = 16, 12, 16
+    p, q, do = _rand(BT, V), _rand(BT, V), _rand(BT, V)
+    n = _rand(BT).abs() + 0.5
+    o, dst, dn = torch.full((BT, V), -9.0), torch.full((BT, BV), -9.0), torch.empty(BT)
+    mod.output_kernel[(1,)](p, q, do, n, o, dst, dn, BT, V, BV, norm, norm, lq)
+    u = (p.double() * n.double()[:, None] if lq else p.double()).requires_grad_()
+    nn = n.double().requires_grad_()
+    pp = u / nn[:, None] if lq else u
+    want = torch.nn.functional.layer_norm(pp, (V,), eps=1e-5) if norm else pp
+    if norm:
+        want = want + q.double()
+    du, dnn = torch.autograd.grad(want, (u, nn), do.double(), allow_unused=True)
+    valid = slice(0, BT - 1)
+    torch.testing.assert_close(o[valid].double(), want[valid].detach(), rtol=2e-4, atol=2e-5)
+    assert torch.all(o[BT - 1] == -9.0)  # padded rows are not stored
+    torch.testing.assert_close(dst[valid, :V].double(), du[valid], rtol=2e-4, atol=2e-5)
+    if lq:
+        torch.testing.assert_close(dn[valid].double(), dnn[valid], rtol=2e-4, atol=2e-5)
+    else:
+        assert torch.all(dn == -1.0)  # the placeholder, as passed
 
 
 _LQ = """
@@ -560,19 +607,16 @@ def lq_passes_kernel(k_ptr, w_ptr, scr_ptr, E_ptr, C_ptr, dn_ptr, go_ptr, out_pt
 """ + _SETUP + """
     causal = rt[:, None] >= rt[None, :]
     zero = tl.sum(tl.zeros([BT], dtype=tl.float32), axis=0)
-    rf = tl.arange(0, QA * QB)
-    fa = rf // QB
-    fb = rf % QB
     C = tl.load(C_ptr + rt[:, None] * BT + rt[None, :])
     sb, nb, ib = _lq_base_norm(w_ptr, zero, rd, DIN, DOUT, BD, Q, QI, PW, 0.0, EPS)
     tl.store(out_ptr, sb)
     tl.store(out_ptr + 1, ib)
     # slots: 0 d_l (the last layer's, as it is), 1 dd_l, 2 da_(l-1)
-    s, n = _lq_token_norms(w_ptr, None, k_ptr, s0, s0, fa, fb, rt, tmask, E, C, None, BT, QA, QB, DIN, DOUT, 0,
+    s, n = _lq_token_norms(w_ptr, None, k_ptr, s0, s0, rt, tmask, E, C, None, BT, QA, QB, DIN, DOUT, 0,
                            True, True, False, Q, QI, PW, 0.0, EPS)
     tl.store(out_ptr + 2 + rt, n)
     dn = tl.load(dn_ptr + rt)
-    dE, dC, dMm = _lq_norms_vjp(w_ptr, None, k_ptr, s0, s0, fa, fb, rt, tmask, E, C, None, s0 + BT * DM,
+    dE, dC, dMm = _lq_norms_vjp(w_ptr, None, k_ptr, s0, s0, rt, tmask, E, C, None, s0 + BT * DM,
                                 s0 + 2 * BT * DM, go_ptr, None, s, n, dn, tl.zeros([BT], dtype=tl.float32),
                                 tl.zeros([BT, BT], dtype=tl.float32), None, causal, BT, QA, QB, DIN, DOUT, 0, True,
                                 True, False, Q, QI, PW, EPS)

@@ -95,17 +95,32 @@ class MlpPlan:
     min_chunk: int = MIN_CHUNK
     max_chunk: int = MAX_CHUNK
 
-    def slot_groups(self, slots: tuple[str, ...]) -> list[list[tuple[str, int]]]:
-        """The scratch slots with their indices, in groups of up to 3 of one kind (za1, za2, ...): a line of
-        the kernels' slot pointers each."""
-        groups: list[list[tuple[str, int]]] = []
-        for i, s in enumerate(slots):
-            kind = s.rstrip("0123456789")
-            if groups and groups[-1][0][0].rstrip("0123456789") == kind and len(groups[-1]) < 3:
-                groups[-1].append((s, i))
+    def slot_lines(self, slots: tuple[str, ...]) -> list[str]:
+        """The kernels' slot pointers as assignment lines: slot i is scr + i sz (sz = BT DM), a slot of
+        hidden columns shifted by - x0 (see docs/kernels-mlp.md)."""
+        offsets = ["", " + sz"] + [f" + {i} * sz" for i in range(2, len(slots))]
+        return self.assignments([(s, "scr" + off + (" - x0" if s in self.hidden_slots else ""))
+                                 for s, off in zip(slots, offsets)])
+
+    @staticmethod
+    def assignments(items: list[tuple[str, str]], width: int = 98) -> list[str]:
+        """(name, expression) pairs as tuple assignments of at most `width` columns each (the kernels'
+        pointer lines, indented 12 in the module)."""
+        lines: list[list[tuple[str, str]]] = []
+        for item in items:
+            grown = (lines[-1] if lines else []) + [item]
+            if lines and len(", ".join(n for n, _ in grown) + " = " + ", ".join(e for _, e in grown)) <= width:
+                lines[-1] = grown
             else:
-                groups.append([(s, i)])
-        return groups
+                lines.append([item])
+        return [", ".join(n for n, _ in g) + " = " + ", ".join(e for _, e in g) for g in lines]
+
+    @property
+    def flags(self) -> dict[str, bool]:
+        """The kernels' behaviour flags (tl.constexpr, passed by keyword): the LayerNorm, the residual, the
+        retained point and the lq map (its rule: LQ_CHUNK, with the map's constants)."""
+        return {"NORM": self.norm, "RESIDUAL": self.residual, "RETAINED": self.retained,
+                "LQ": self.lq is not None}
 
     @property
     def kernels(self) -> tuple[str, ...]:
@@ -144,12 +159,8 @@ def _refusal(ir: LayerIR) -> str | None:
 
 def _layers(depth: int) -> tuple[Layer, ...]:
     dims = ["K"] + ["X"] * (depth - 1) + ["V"]
-    layers, off = [], []
-    for n in range(1, depth + 1):
-        din, dout = dims[n - 1], dims[n]
-        layers.append(Layer(n, din, dout, " + ".join(off) or "0"))
-        off.append(f"{din} * {dout}")
-    return tuple(layers)
+    offsets = ["0", "K * X"] + [f"K * X + {'' if n == 1 else f'{n} * '}X * X" for n in range(1, depth - 1)]
+    return tuple(Layer(n, dims[n - 1], dims[n], offsets[n - 1]) for n in range(1, depth + 1))
 
 
 def _slots(depth: int, split_forward: bool) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
@@ -185,12 +196,13 @@ def _lq_plan(q: float, eps: float, norm: str) -> LqPlan:
 # The activation and its first two derivatives as Triton function bodies (a docstring, then the code).
 def _library(norm: bool, lq: LqPlan | None, momentum: bool, sliceable: bool) -> str:
     """The source of the library functions the kernels of this variant call (and their callees)."""
-    names = ["_mm", "_ld", "_st", "_ldk", "_ldw", "_stw", "_ld_rows", "_st_rows", "_mlp_tokens", "_chunk_rows",
+    names = ["_mm", "_ld", "_st", "_ldk", "_ldw", "_stw", "_ld_rows", "_st_rows", "_mlp_program", "_chunk_rows",
              "_decay_coefs", "_at_last", "_row_at_last", "_dlog_gate", "_layer_product", "_delta_product",
-             "_readout_layer", "_readout_layer_vjp", "_weight_grad_layer", "_delta_vjp_layer", "_layer_vjp"]
-    names += ["_momentum_coefs", "_momentum_gate_vjp"] if momentum else []
+             "_readout_layer", "_readout_layer_vjp", "_weight_grad_layer", "_delta_vjp_layer", "_layer_vjp",
+             "_retained", "_mlp_output", "_output_vjp", "_gates_vjp", "_st_dqk", "_pre_slots",
+             "_ln_vjp_vjp"]  # the LayerNorm's helpers: the NORM flag picks them
+    names += ["_momentum_coefs"] if momentum else []
     names += ["_head_sum"] if sliceable else []
-    names += ["_ln", "_ln_vjp", "_ln_vjp_vjp"] if norm else []
     if lq is not None:  # norm=chunk: the chunk end's norm; norm=token: every token's
         names += ["_lq_base_norm", "_lq_kappa"] + (["_lq_chunk_end", "_lq_chunk_vjp"] if lq.chunk else
                                                    ["_lq_token_norms", "_lq_norms_vjp"])

@@ -179,6 +179,18 @@ def _mlp_tokens(hid, cu_ptr, T, H, NC, NSL, CH: tl.constexpr):
 
 
 @triton.jit
+def _mlp_program(cu_ptr, T, H, NC, NSL, NS: tl.constexpr, XS: tl.constexpr, CH: tl.constexpr):
+    """This program's work -> (pid, hid, sl, x0, h, bos, TN, srow0, NCN): NS consecutive programs per
+    (batch row or sequence, head) pair hid (_head_sum), program sl of them holding the hidden columns
+    x0 .. x0 + XS - 1; the pair's tokens and chunks as _mlp_tokens gives them."""
+    pid = tl.program_id(0)
+    hid = pid // NS
+    sl = pid % NS
+    h, bos, TN, srow0, NCN = _mlp_tokens(hid, cu_ptr, T, H, NC, NSL, CH)
+    return pid, hid, sl, sl * XS, h, bos, TN, srow0, NCN
+
+
+@triton.jit
 def _decay_coefs(alpha_ptr, row, tmask, causal, BT: tl.constexpr):
     """A chunk's decay: (alpha, E, D) with E_i = prod_{s <= i} alpha_s, D_ij = prod_{j < s <= i} alpha_s
     (padded rows: alpha = 1; no decay when alpha_ptr is None)."""
@@ -544,6 +556,13 @@ def _lq_base_norm(w, zero, rd, DIN: tl.constexpr, DOUT: tl.constexpr, BD: tl.con
 
 
 @triton.jit
+def _lq_tile_index(QA: tl.constexpr, QB: tl.constexpr):
+    """The token norms' [QA, QB] weight tile, flattened: (row, column) of each of its QA QB entries."""
+    rf = tl.arange(0, QA * QB)
+    return rf // QB, rf % QB
+
+
+@triton.jit
 def _lq_tile(w, m, a_src, dt, za, i0, o0, fa, fb, row, tmask, E, C, Mm, DIN: tl.constexpr,
              DOUT: tl.constexpr, LOWP: tl.constexpr, INPUT: tl.constexpr, LAST: tl.constexpr,
              RETAINED: tl.constexpr):
@@ -567,12 +586,13 @@ def _lq_tile(w, m, a_src, dt, za, i0, o0, fa, fb, row, tmask, E, C, Mm, DIN: tl.
 
 
 @triton.jit
-def _lq_token_norms(w, m, a_src, dt, za, fa, fb, row, tmask, E, C, Mm, BT: tl.constexpr, QA: tl.constexpr,
+def _lq_token_norms(w, m, a_src, dt, za, row, tmask, E, C, Mm, BT: tl.constexpr, QA: tl.constexpr,
                     QB: tl.constexpr, DIN: tl.constexpr, DOUT: tl.constexpr, LOWP: tl.constexpr,
                     INPUT: tl.constexpr, LAST: tl.constexpr, RETAINED: tl.constexpr, Q: tl.constexpr,
                     QI: tl.constexpr, PW: tl.constexpr, AT0: tl.constexpr, EPS: tl.constexpr):
     """The lq map of every token's own weights Z_i of W_l: (s_i = ||Z_i||_q^q, n(Z_i)) [BT], Z_i never
     held whole (_lq_tile: one [QA, QB] tile of it for every token at a time)."""
+    fa, fb = _lq_tile_index(QA, QB)
     s = tl.zeros([BT], dtype=tl.float32)
     for i0 in range(0, DIN, QA):
         for o0 in range(0, DOUT, QB):
@@ -583,7 +603,7 @@ def _lq_token_norms(w, m, a_src, dt, za, fa, fb, row, tmask, E, C, Mm, BT: tl.co
 
 
 @triton.jit
-def _lq_norms_vjp(w, m, a_src, dt, za, fa, fb, row, tmask, E, C, Mm, dd, da, go, gmo, s, n, dn, dE, dC,
+def _lq_norms_vjp(w, m, a_src, dt, za, row, tmask, E, C, Mm, dd, da, go, gmo, s, n, dn, dE, dC,
                   dMm, causal, BT: tl.constexpr, QA: tl.constexpr, QB: tl.constexpr, DIN: tl.constexpr,
                   DOUT: tl.constexpr, LOWP: tl.constexpr, INPUT: tl.constexpr, LAST: tl.constexpr,
                   RETAINED: tl.constexpr, Q: tl.constexpr, QI: tl.constexpr, PW: tl.constexpr,
@@ -594,6 +614,7 @@ def _lq_norms_vjp(w, m, a_src, dt, za, fa, fb, row, tmask, E, C, Mm, dd, da, go,
     adds), and returned in the sums (dE, dC, dMm); without momentum dMm comes back as passed (a [BT]
     placeholder: a returned tuple cannot hold None)."""
     ds = dn * _lq_dnorm(s, n, PW, EPS)
+    fa, fb = _lq_tile_index(QA, QB)
     r16 = tl.arange(0, 16)
     sel_b = tl.where(fb[:, None] == r16[None, :], 1.0, 0.0)  # [QA QB, 16]: sums a tile per column
     sel_a = tl.where(fa[:, None] == r16[None, :], 1.0, 0.0)  # ... per row (QA <= 16)
@@ -715,3 +736,84 @@ def _st_rows(ptr, row, tmask, x, D: tl.constexpr, BD: tl.constexpr):
     """Store x [BT, BD] as the chunk's valid rows of a [B, T, H, D] output (columns < D)."""
     rk = tl.arange(0, BD)
     tl.store(ptr + row[:, None] * D + rk[None, :], x, mask=tmask[:, None] & (rk < D)[None, :])
+
+
+@triton.jit
+def _output_vjp(do, p, dst, n, dn_none, rv, vmask, V: tl.constexpr, NORM: tl.constexpr, LQ: tl.constexpr):
+    """The backward of the read-out's output o = [q +] [LN](p_L) at do = dL/do: stores dL/dp_L into slot
+    dst (with the lq map, LQ, dL/d(h Z_i) before the division by n(Z_i) of W_L, n) -> dL/dn(Z_i) of W_L,
+    dn_none as passed without the map (a [BT] placeholder, never None)."""
+    dp = do
+    if NORM:
+        pn, prstd = _ln(p, vmask, V)
+        dp = _ln_vjp(pn, prstd, do, vmask, V)
+    dn = dn_none
+    if LQ:
+        dn = -tl.sum(dp * p, axis=1) / n
+        dp = dp / n[:, None]
+    _st(dst, rv, dp, V)
+    tl.debug_barrier()
+    return dn
+
+
+@triton.jit
+def _gates_vjp(dE, dC, dcL, de, islast, alpha_ptr, dalpha_ptr, alpha, D, E, dlogE, beta_ptr, dbeta_ptr,
+               part, beta, Bs, bc, dMm, dMmL, dbcL, dsL, row, tmask, causal, RETAINED: tl.constexpr):
+    """The gates' gradients of a chunk from the sums of its phases: dL/dE, dL/dC (plus the state
+    update's de, dcL of the last token) -> d log alpha (where alpha_ptr is not None; plus dlogE, the
+    base pass's part, at=retained: RETAINED) and, with momentum (beta_ptr not None), through C = D Bs
+    and Mm = D bc (dMm, dMmL, dbcL, dsL) d log beta; stored as dL/dalpha, dL/dbeta (this slice's part:
+    rows part + row)."""
+    dE += tl.where(islast, de, 0.0)
+    dC += tl.where(islast[:, None], dcL[None, :], 0.0)
+    dD = dC
+    if beta_ptr is not None:
+        dMm += tl.where(islast, dMmL, 0.0)
+        dD, dlb = _momentum_gate_vjp(D, Bs, bc, dC, dMm, dbcL, dsL, islast, causal)
+        tl.store(dbeta_ptr + part + row, dlb / beta, mask=tmask)
+    if alpha_ptr is not None:
+        dlE = E * dE
+        if RETAINED:
+            dlE += dlogE
+        dla = _dlog_gate(dD, D, causal, dlE)  # d log alpha
+        tl.store(dalpha_ptr + part + row, dla / alpha, mask=tmask)
+
+
+@triton.jit
+def _mlp_output(o_ptr, p, q_ptr, row, tmask, v_off, mask, rv, vmask, K: tl.constexpr, V: tl.constexpr,
+                NORM: tl.constexpr, RESIDUAL: tl.constexpr):
+    """Store the read-out's output o = [q +] [LN](p_L) (p: [BT, BV]) where mask holds."""
+    if NORM:
+        p = _ln(p, vmask, V)[0]
+    if RESIDUAL:
+        p += _ldk(q_ptr, row, tmask, rv, K)
+    tl.store(o_ptr + v_off, p.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _st_dqk(dq_ptr, dk_ptr, part, dq, da0, do, first, row, tmask, K: tl.constexpr, BK: tl.constexpr,
+            RESIDUAL: tl.constexpr):
+    """Store a chunk's dL/dq and dL/dk from slots dq and da0 (this slice's part: rows part + row); the
+    residual's dL/dq (do, K = V) counted by the first slice only."""
+    rk = tl.arange(0, BK)
+    dqt = _ld(dq, rk, K)
+    if RESIDUAL:
+        dqt = dqt + tl.where(first[:, None], do, 0.0)
+    _st_rows(dq_ptr + part * K, row, tmask, dqt, K, BK)
+    _st_rows(dk_ptr + part * K, row, tmask, _ld(da0, rk, K), K, BK)
+
+
+@triton.jit
+def _retained(x, E, RETAINED: tl.constexpr):
+    """x [BT, *], times E_i at=retained (RETAINED: the gradient point E_i W_b scales the base pass)."""
+    if RETAINED:
+        x = x * E[:, None]
+    return x
+
+
+@triton.jit
+def _pre_slots(pre_ptr, row0, rt, PRE: tl.constexpr, BT: tl.constexpr, X: tl.constexpr, V: tl.constexpr):
+    """The split forward's stored rows of a chunk as slots (row pointers [BT, 1]): (p_1, p_2, z_2) from
+    row row0 of pre_ptr ([BT, X + 2 V] each: p_1 [BT, X], p_2 [BT, V], z_2 [BT, V])."""
+    pre = pre_ptr + row0 * PRE
+    return pre + rt[:, None] * X, pre + BT * X + rt[:, None] * V, pre + BT * (X + V) + rt[:, None] * V
