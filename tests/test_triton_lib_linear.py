@@ -351,3 +351,193 @@ def test_retention_maps_and_vjps(kind, axis, scale, gamma_channel, tmp_path):
         assert (ref.detach() == 0).any() and (ref.detach() != 0).any()  # both sides of the threshold
         got = dg[:V].double() if gamma_channel else dg[:V].double().sum(0, keepdim=True)
         torch.testing.assert_close(got, gd.grad, rtol=1e-5, atol=1e-6)
+
+
+_GATES = """
+@triton.jit
+def gates_kernel(g_ptr, a_ptr, s_ptr, go_ptr, ao_ptr, so_ptr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                 BV: tl.constexpr, CHANNEL: tl.constexpr):
+    rk, rv = tl.arange(0, BK), tl.arange(0, BV)
+    vmask = rv < V
+    smask = (rk < K)[:, None] & vmask[None, :]
+    s_off = rk[:, None] * V + rv[None, :]
+    gamma, alpha = _retention_gates(g_ptr, a_ptr, 1, rv, vmask, V, BV, CHANNEL, CHANNEL)
+    tl.store(go_ptr + rv[None, :], gamma + tl.zeros([1, BV], dtype=tl.float32), mask=vmask[None, :])
+    tl.store(ao_ptr + rv[None, :], alpha + tl.zeros([1, BV], dtype=tl.float32), mask=vmask[None, :])
+    tl.store(so_ptr + s_off, _load_state(s_ptr, 1, s_off, smask, K * V, BK, BV), mask=smask)
+"""
+
+
+@pytest.mark.parametrize(("present", "channel"), [(True, False), (True, True), (False, False)])
+def test_retention_gates_and_optional_state(present, channel, tmp_path):
+    """_retention_gates reads token row 1's gamma and alpha (per head or per value channel) and gives 0 and 1
+    for absent tensors; _load_state reads program 1's state, or zeros for an absent tensor."""
+    m = load_with_library(["_retention_gates", "_load_state"], _GATES, tmp_path)
+    g = _gen(31 + 2 * present + channel)
+    K, V = 12, 10
+    shape = (2, V) if channel else (2,)
+    gam, alpha, s = torch.rand(shape, generator=g), torch.rand(shape, generator=g), torch.randn(2, K, V, generator=g)
+    go, ao, so = torch.full((V,), 7.0), torch.full((V,), 7.0), torch.full((K, V), 7.0)
+    args = (gam, alpha, s) if present else (None, None, None)
+    m.gates_kernel[(1,)](*args, go, ao, so, K, V, 16, 16, channel)
+    if present:
+        torch.testing.assert_close(go, gam[1].expand(V))
+        torch.testing.assert_close(ao, alpha[1].expand(V))
+        torch.testing.assert_close(so, s[1])
+    else:
+        assert (go == 0).all() and (ao == 1).all() and (so == 0).all()
+
+
+def _row(name, other):
+    return f"{name} = tl.load({name}_ptr + rv[None, :], mask=vmask[None, :], other={other})"
+
+
+_READOUT = f"""
+@triton.jit
+def readout_kernel(z_ptr, dz_ptr, q_ptr, do_ptr, gamma_ptr, e_ptr, dzo_ptr, dg_ptr, dq_ptr, K: tl.constexpr,
+                   V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MAP: tl.constexpr, AXIS: tl.constexpr,
+                   SCALE: tl.constexpr, PROX: tl.constexpr):
+    rk, rv = tl.arange(0, BK), tl.arange(0, BV)
+    vmask = rv < V
+    smask = (rk < K)[:, None] & vmask[None, :]
+    off = rk[:, None] * V + rv[None, :]
+    Z = tl.load(z_ptr + off, mask=smask, other=0.0)
+    dZ = tl.load(dz_ptr + off, mask=smask, other=0.0)
+    q = tl.load(q_ptr + rk, mask=rk < K, other=0.0)
+    do = tl.load(do_ptr + rv, mask=vmask, other=0.0)
+    {_row("gamma", 0.0)}
+    dZ, dgam, dq = _readout_bwd(Z, dZ, q, do, gamma, tl.load(e_ptr) != 0, smask, BV, MAP, AXIS, SCALE, PROX)
+    tl.store(dzo_ptr + off, dZ, mask=smask)
+    tl.store(dg_ptr + rv[None, :], dgam, mask=vmask[None, :])
+    tl.store(dq_ptr + rk, dq, mask=rk < K)
+"""
+
+
+@pytest.mark.parametrize(("kind", "axis", "prox", "ends"), [
+    pytest.param(1, 0, False, True, id="softmax-key"), pytest.param(2, 0, False, True, id="sigmoid"),
+    pytest.param(3, 0, False, True, id="soft-threshold"), pytest.param(3, 0, True, True, id="prox-chunk-end"),
+    pytest.param(3, 0, True, False, id="prox-inside-chunk")])
+def test_readout_bwd(kind, axis, prox, ends, tmp_path):
+    """_readout_bwd against torch.autograd in float64: the read-out o = q map(Z) and, at a PROX chunk's end,
+    the carried S_gamma(Z), reversed to Z, gamma (per value channel) and q on a padded 12 x 10 state."""
+    m = load_with_library(["_readout_bwd"], _READOUT, tmp_path)
+    g = _gen(50 + kind + 3 * prox + ends)
+    K, V = 12, 10
+    z, dz_in = torch.randn(K, V, generator=g), torch.randn(K, V, generator=g)
+    q, do, gamma = torch.randn(K, generator=g), torch.randn(V, generator=g), 0.2 + 0.6 * torch.rand(V, generator=g)
+    dz, dg, dq = torch.empty(K, V), torch.empty(V), torch.empty(K)
+    m.readout_kernel[(1,)](z, dz_in, q, do, gamma, torch.tensor([int(ends)]), dz, dg, dq, K, V, 16, 16, kind, axis,
+                           1.0, prox)
+    zd, qd, gd = (x.double().requires_grad_() for x in (z, q, gamma))
+    carried = _torch_map(zd, gd, kind, axis, 1.0) if prox and ends else zd
+    loss = (carried * dz_in.double()).sum() + (qd @ _torch_map(zd, gd, kind, axis, 1.0) * do.double()).sum()
+    loss.backward()
+    torch.testing.assert_close(dz.double(), zd.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dq.double(), qd.grad, rtol=1e-5, atol=1e-6)
+    if kind == 3:
+        assert gd.grad.abs().sum() > 0
+        torch.testing.assert_close(dg.double(), gd.grad, rtol=1e-5, atol=1e-6)
+
+
+_POINT = f"""
+@triton.jit
+def point_kernel(k_ptr, dy_ptr, acum_ptr, zb_ptr, alpha_ptr, gamma_ptr, dp_ptr, r_ptr, dalpha_ptr, dgam_ptr,
+                 K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MAP: tl.constexpr,
+                 PROX: tl.constexpr, AT_RETAINED: tl.constexpr):
+    rk, rv = tl.arange(0, BK), tl.arange(0, BV)
+    vmask = rv < V
+    smask = (rk < K)[:, None] & vmask[None, :]
+    off = rk[:, None] * V + rv[None, :]
+    k = tl.load(k_ptr + rk, mask=rk < K, other=0.0)
+    Zb = tl.load(zb_ptr + off, mask=smask, other=0.0)
+    dP = tl.load(dp_ptr + off, mask=smask, other=0.0)
+    {_row("dy", 0.0)}
+    {_row("acum", 1.0)}
+    {_row("alpha", 1.0)}
+    {_row("gamma", 0.0)}
+    R = tl.load(r_ptr + rv[None, :], mask=vmask[None, :], other=0.0)
+    dalpha = tl.load(dalpha_ptr + rv[None, :], mask=vmask[None, :], other=0.0)
+    dgam = tl.load(dgam_ptr + rv[None, :], mask=vmask[None, :], other=0.0)
+    P = _base_point(acum * Zb, smask, gamma, MAP, 0, 1.0, PROX)
+    dP, R, dalpha, dgam = _point_bwd(k, dy, acum, Zb, P, alpha, gamma, dP, R, dalpha, dgam, MAP, 0, 1.0, PROX,
+                                     AT_RETAINED)
+    tl.store(dp_ptr + off, dP, mask=smask)
+    tl.store(r_ptr + rv[None, :], R, mask=vmask[None, :])
+    tl.store(dalpha_ptr + rv[None, :], dalpha, mask=vmask[None, :])
+    tl.store(dgam_ptr + rv[None, :], dgam, mask=vmask[None, :])
+"""
+
+
+@pytest.mark.parametrize(("kind", "prox", "at_retained"), [
+    pytest.param(1, False, True, id="softmax-retained"), pytest.param(3, False, True, id="soft-threshold-retained"),
+    pytest.param(3, True, True, id="prox-retained"), pytest.param(2, False, False, id="previous")])
+def test_point_bwd(kind, prox, at_retained, tmp_path):
+    """_point_bwd against torch.autograd in float64: y = k P with P = map(a Z_b) (at=retained; PROX: a Z_b) or
+    P itself, reversed from dL/dy to Z_b (or P), to log a (R, and R / alpha to alpha) and to gamma, added to
+    random running sums."""
+    m = load_with_library(["_base_point", "_point_bwd"], _POINT, tmp_path)
+    g = _gen(70 + kind + 3 * prox + at_retained)
+    K, V = 12, 10
+    k, dy, zb = torch.randn(K, generator=g), torch.randn(V, generator=g), torch.randn(K, V, generator=g)
+    acum, alpha = 0.3 + 0.7 * torch.rand(V, generator=g), 0.5 + 0.5 * torch.rand(V, generator=g)
+    gamma = 0.1 + 0.3 * torch.rand(V, generator=g)
+    dp0, r0 = torch.randn(K, V, generator=g), torch.randn(V, generator=g)
+    da0, dg0 = torch.randn(V, generator=g), torch.randn(V, generator=g)
+    dp, r, da, dg = dp0.clone(), r0.clone(), da0.clone(), dg0.clone()
+    m.point_kernel[(1,)](k, dy, acum, zb, alpha, gamma, dp, r, da, dg, K, V, 16, 16, kind, prox, at_retained)
+    ad, zd, gd = (x.double().requires_grad_() for x in (acum, zb, gamma))
+    if at_retained:
+        P = ad * zd if prox else _torch_map(ad * zd, gd, kind, 0, 1.0)
+    else:
+        P = zd
+    (k.double() @ P * dy.double()).sum().backward()
+    r_ref = r0.double() + (ad.grad * ad.detach() if at_retained else 0.0)
+    torch.testing.assert_close(dp.double(), dp0.double() + zd.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(r.double(), r_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(da.double(), da0.double() + (r_ref / alpha.double() if at_retained else 0.0),
+                               rtol=1e-5, atol=1e-6)
+    dg_ref = dg0.double() + (gd.grad if gd.grad is not None else 0.0)
+    if kind == 3 and not prox:
+        assert gd.grad.abs().sum() > 0
+    torch.testing.assert_close(dg.double(), dg_ref, rtol=1e-5, atol=1e-6)
+
+
+_BASE = f"""
+@triton.jit
+def base_kernel(zb_ptr, dp_ptr, gamma_ptr, dz_ptr, dg_ptr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                BV: tl.constexpr, MAP: tl.constexpr, PROX: tl.constexpr, AT_RETAINED: tl.constexpr):
+    rk, rv = tl.arange(0, BK), tl.arange(0, BV)
+    vmask = rv < V
+    smask = (rk < K)[:, None] & vmask[None, :]
+    off = rk[:, None] * V + rv[None, :]
+    Zb = tl.load(zb_ptr + off, mask=smask, other=0.0)
+    dP = tl.load(dp_ptr + off, mask=smask, other=0.0)
+    {_row("gamma", 0.0)}
+    P = _base_point(Zb, smask, gamma, MAP, 0, 1.0, PROX)
+    dZb, dgb = _base_bwd(Zb, P, dP, gamma, MAP, 0, 1.0, PROX, AT_RETAINED)
+    tl.store(dz_ptr + off, dZb, mask=smask)
+    tl.store(dg_ptr + rv[None, :], dgb, mask=vmask[None, :])
+"""
+
+
+@pytest.mark.parametrize(("kind", "prox", "at_retained"), [
+    pytest.param(1, False, False, id="softmax"), pytest.param(3, False, False, id="soft-threshold"),
+    pytest.param(3, True, False, id="prox"), pytest.param(2, False, True, id="retained")])
+def test_base_bwd(kind, prox, at_retained, tmp_path):
+    """_base_bwd against torch.autograd in float64: dL/dP through P = map(Z_b) to Z_b and gamma; with PROX or
+    at=retained, dL/dP passes to Z_b unchanged and gamma gets nothing."""
+    m = load_with_library(["_base_point", "_base_bwd"], _BASE, tmp_path)
+    g = _gen(90 + kind + 3 * prox + at_retained)
+    K, V = 12, 10
+    zb, dp, gamma = torch.randn(K, V, generator=g), torch.randn(K, V, generator=g), 0.2 + 0.4 * torch.rand(V, generator=g)
+    dz, dg = torch.full((K, V), 7.0), torch.full((V,), 7.0)
+    m.base_kernel[(1,)](zb, dp, gamma, dz, dg, K, V, 16, 16, kind, prox, at_retained)
+    if prox or at_retained:
+        torch.testing.assert_close(dz, dp)
+        assert (dg == 0).all()
+        return
+    zd, gd = zb.double().requires_grad_(), gamma.double().requires_grad_()
+    (_torch_map(zd, gd, kind, 0, 1.0) * dp.double()).sum().backward()
+    torch.testing.assert_close(dz.double(), zd.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dg.double(), gd.grad if kind == 3 else torch.zeros(V, dtype=torch.float64),
+                               rtol=1e-5, atol=1e-6)

@@ -117,7 +117,8 @@ LIBRARY = {
     "scalar": (*_SHARED, "_log_decays"),
     "momentum": (*_SHARED, "_log_decays", "_momentum_weights"),
     "channel": (*_SHARED, "_log_decays_channel", "_seg", "_decay_mm", "_decay_mm_bwd"),
-    "map": ("_program", "_token_gate", "_map_fwd", "_map_vjp", "_base_point", "_state_before", "_store_gate_grad"),
+    "map": ("_program", "_token_gate", "_retention_gates", "_load_state", "_map_fwd", "_map_vjp", "_base_point",
+            "_state_before", "_readout_bwd", "_point_bwd", "_base_bwd", "_store_gate_grad"),
 }
 
 

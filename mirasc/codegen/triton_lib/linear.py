@@ -4,7 +4,8 @@ One program walks one head's sequence in tiles of BT tokens. These functions are
 kernel pairs (per-head decay, momentum, per-channel decay) share: where a program's sequence lies, a
 tile's offsets and log-decays, the momentum weights, the triangular inverse of the WY form, and the
 level-by-level pair products of a per-channel decay; and the pieces of the token-by-token pair of a
-retention map: a token's gates, the maps and their VJPs, the chunk's gradient point, the scratch states.
+retention map: a token's gates, the maps and their VJPs, the chunk's gradient point, the scratch states,
+and the backward's phases (a token's read-out, its gradient point and the chunk's base, reversed).
 """
 import triton
 import triton.language as tl
@@ -276,3 +277,81 @@ def _store_gate_grad(ptr, row, rv, vmask, x, V: tl.constexpr, CHANNEL: tl.conste
         tl.store(ptr + row * V + rv[None, :], x, mask=vmask[None, :])
     else:
         tl.store(ptr + row, tl.sum(tl.sum(x, axis=1), axis=0))
+
+
+@triton.jit
+def _retention_gates(gamma_ptr, alpha_ptr, row, rv, vmask, V: tl.constexpr, BV: tl.constexpr,
+                     GAMMA_CHANNEL: tl.constexpr, ALPHA_CHANNEL: tl.constexpr):
+    """One token's threshold gamma and decay alpha (each [1, BV] per value channel, else [1, 1]); an
+    absent tensor (None) gives gamma = 0 (no threshold) and alpha = 1 (no decay), as [1, BV] rows."""
+    if gamma_ptr is not None:
+        gamma = _token_gate(gamma_ptr, row, rv, vmask, V, GAMMA_CHANNEL, 0.0)
+    else:
+        gamma = tl.zeros([1, BV], dtype=tl.float32)
+    if alpha_ptr is not None:
+        alpha = _token_gate(alpha_ptr, row, rv, vmask, V, ALPHA_CHANNEL, 1.0)
+    else:
+        alpha = tl.full([1, BV], 1.0, dtype=tl.float32)
+    return gamma, alpha
+
+
+@triton.jit
+def _load_state(ptr, pid, s_off, smask, KV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Program pid's [BK, BV] state from a [.., K, V] tensor in fp32, or zeros when the tensor is absent
+    (None: a zero initial state, or no gradient of a final one)."""
+    if ptr is not None:
+        x = tl.load(ptr + pid * KV + s_off, mask=smask, other=0.0).to(tl.float32)
+    else:
+        x = tl.zeros([BK, BV], dtype=tl.float32)
+    return x
+
+
+@triton.jit
+def _readout_bwd(Zi, dZ, q, do, gamma, ends, smask, BV: tl.constexpr, MAP: tl.constexpr,
+                 AXIS: tl.constexpr, SCALE: tl.constexpr, PROX: tl.constexpr):
+    """Token i's read-out o_i = q_i map(Z_i) and, at a chunk's end (`ends`, PROX), the carried
+    S_gamma(Z_i), reversed: dZ, the gradient of what follows Z_i (of S_gamma(Z_i) where it ends a
+    chunk), becomes dL/dZ_i; returns (dL/dZ_i, d gamma [1, BV], dq_i [BK])."""
+    W = _map_fwd(Zi, smask, gamma, MAP, AXIS, SCALE)
+    dgam = tl.zeros([1, BV], dtype=tl.float32)
+    if PROX:
+        dZe, dge = _map_vjp(Zi, W, dZ, gamma, MAP, AXIS, SCALE)
+        dZ = tl.where(ends, dZe, dZ)
+        dgam = tl.where(ends, dge, dgam)
+    dZm, dgm = _map_vjp(Zi, W, q[:, None] * do[None, :], gamma, MAP, AXIS, SCALE)
+    dq = tl.sum(W * do[None, :], axis=1)
+    return dZ + dZm, dgam + dgm, dq
+
+
+@triton.jit
+def _point_bwd(k, dy, acum, Zb, P, alpha, gamma, dP, R, dalpha, dgam, MAP: tl.constexpr,
+               AXIS: tl.constexpr, SCALE: tl.constexpr, PROX: tl.constexpr, AT_RETAINED: tl.constexpr):
+    """Token i's y_i = k_i P reversed to the chunk's gradient point P, with dy = dL/dy_i [1, BV]: adds
+    to dP (dL/dP, or with AT_RETAINED dL/dZ_b through P = map(a_i Z_b)), R (AT_RETAINED: the chunk's
+    suffix sum of dL/d log a_i, per value channel), dalpha (R / alpha_i: a_i holds alpha_i) and dgam
+    (the map's threshold). Returns (dP, R, dalpha, dgam)."""
+    if AT_RETAINED:
+        if PROX:
+            dX = k[:, None] * dy
+        else:
+            dX, dgb = _map_vjp(acum * Zb, P, k[:, None] * dy, gamma, MAP, AXIS, SCALE)
+            dgam += dgb
+        dP += acum * dX
+        R += tl.sum(Zb * dX, axis=0)[None, :] * acum
+        dalpha += R / alpha
+    else:
+        dP += k[:, None] * dy
+    return dP, R, dalpha, dgam
+
+
+@triton.jit
+def _base_bwd(Zb, P, dP, gamma, MAP: tl.constexpr, AXIS: tl.constexpr, SCALE: tl.constexpr,
+              PROX: tl.constexpr, AT_RETAINED: tl.constexpr):
+    """dL/dP reversed to the chunk's base Z_b through P = map(Z_b): (dL/dZ_b, d gamma). With PROX
+    (P = Z_b) or AT_RETAINED (_point_bwd carried dP to Z_b already) dP is dL/dZ_b itself."""
+    if PROX or AT_RETAINED:
+        dZb = dP
+        dgb = tl.zeros_like(gamma)
+    else:
+        dZb, dgb = _map_vjp(Zb, P, dP, gamma, MAP, AXIS, SCALE)
+    return dZb, dgb
