@@ -191,3 +191,100 @@ def test_step_lq_r_from_a_tiled_sum_equals_the_whole_matrix_norm(q, tmp_path):
     module.lq_r_kernel[(1,)](z, out, K, V, BK=BK, BV=BV, Q=q, QI=qi, PW=(q - 2) / q, EPS=1e-6, R0=1e6)
     want = 1.0 / z.double().abs().pow(q).sum().pow((q - 2) / q).clamp_min(1e-6)
     torch.testing.assert_close(out.double(), want.expand(2), rtol=1e-5, atol=0)
+
+
+_OPERAND = """
+@triton.jit
+def operand_kernel(x_ptr, out_ptr, s_b, s_h, H, V, BV: tl.constexpr, LIT: tl.constexpr, CHANNEL: tl.constexpr):
+    pid = tl.program_id(0)
+    rv = tl.arange(0, BV)
+    x = _step_operand(x_ptr, (pid // H) * s_b + (pid % H) * s_h, rv, rv < V, LIT, CHANNEL)
+    tl.store(out_ptr + pid * BV + rv[None, :], tl.zeros([1, BV], dtype=tl.float32) + x)
+"""
+
+
+@pytest.mark.parametrize("layout", ["literal", "head", "channel"])
+def test_step_operand_is_the_literal_or_the_input(layout, tmp_path):
+    module = load_with_library(["_step_operand"], _OPERAND, tmp_path)
+    g = torch.Generator().manual_seed(25)
+    B, H, V, BV = 2, 3, 5, 8
+    x = {"literal": None, "head": torch.randn(B, H, generator=g),
+         "channel": torch.randn(B, H, V, generator=g)}[layout]
+    s_b, s_h = (0, 0) if x is None else (x.stride(0), x.stride(1))
+    out = torch.full((B * H, BV), float("nan"))
+    module.operand_kernel[(B * H,)](x, out, s_b, s_h, H, V, BV=BV, LIT=0.75, CHANNEL=layout == "channel")
+    if layout == "literal":
+        assert (out == 0.75).all()
+    elif layout == "head":
+        torch.testing.assert_close(out, x.reshape(-1, 1).expand(B * H, BV), rtol=0, atol=0)
+    else:
+        torch.testing.assert_close(out[:, :V], x.reshape(B * H, V), rtol=0, atol=0)
+
+
+_TILES = """
+@triton.jit
+def tiles_kernel(z1_ptr, z2_ptr, b1_ptr, b2_ptr, g1_ptr, g2_ptr, m1_ptr, m2_ptr, z1_out_ptr, z2_out_ptr,
+                 m1_out_ptr, m2_out_ptr, b1_out_ptr, b2_out_ptr, s_ptr, decay, beta, K, X, V,
+                 BK: tl.constexpr, BX: tl.constexpr, BV: tl.constexpr, AT_RETAINED: tl.constexpr,
+                 MOMENTUM: tl.constexpr):
+    pid = tl.program_id(0)
+    rk = tl.arange(0, BK)
+    rv = tl.arange(0, BV)
+    rx = tl.arange(0, BX)
+    w1_off = pid * K * X + rk[:, None] * X
+    w2_off = pid * X * V + rv[None, :]
+    s1 = tl.sum(tl.zeros([BX], dtype=tl.float32), axis=0)
+    s2 = s1
+    for x0 in range(0, X, BX):
+        off1, off2, mask1, mask2 = _step_tile(x0, rx, X, rk < K, rv < V, w1_off, w2_off, V)
+        s1 += _step_lq_sum(_step_base(z1_ptr, b1_ptr, off1, mask1), 3.0, 3)
+        s2 += _step_lq_sum(_step_base(z2_ptr, b2_ptr, off2, mask2), 3.0, 3)
+        Z1 = tl.load(z1_ptr + off1, mask=mask1, other=0.0)
+        Z2 = tl.load(z2_ptr + off2, mask=mask2, other=0.0)
+        w1 = _step_retain(_step_base_or(Z1, b1_ptr, off1, mask1), decay, b1_out_ptr, off1, mask1, AT_RETAINED)
+        w2 = _step_retain(_step_base_or(Z2, b2_ptr, off2, mask2), decay, b2_out_ptr, off2, mask2, AT_RETAINED)
+        # a gradient that depends on the gradient point, so that a wrong base shows
+        g1 = tl.load(g1_ptr + off1, mask=mask1, other=0.0) * w1
+        g2 = tl.load(g2_ptr + off2, mask=mask2, other=0.0) * w2
+        _step_update(Z1, g1, decay, beta, m1_ptr, m1_out_ptr, z1_out_ptr, off1, mask1, MOMENTUM)
+        _step_update(Z2, g2, decay, beta, m2_ptr, m2_out_ptr, z2_out_ptr, off2, mask2, MOMENTUM)
+    tl.store(s_ptr + pid * 2 + tl.arange(0, 2), tl.join(s1, s2))
+"""
+
+
+@pytest.mark.parametrize("first,retained,momentum", [(True, True, True), (False, True, False),
+                                                     (False, False, True), (True, False, False)])
+def test_step_tiles_read_the_base_retain_and_update_like_torch(first, retained, momentum, tmp_path):
+    """A depth-2 memory walked in hidden tiles (X no multiple of BX, K and V no powers of two): the base
+    (z at a chunk's first token, else b), the at=retained gradient point and next base, the gd / momentum
+    update and the lq sums, against torch."""
+    module = load_with_library(["_step_tile", "_step_base", "_step_base_or", "_step_retain", "_step_update",
+                                "_step_lq_sum"], _TILES, tmp_path)
+    gen = torch.Generator().manual_seed(26)
+    P, K, X, V, BK, BX, BV = 3, 5, 7, 6, 8, 4, 8
+    decay, beta = 0.9, 0.8
+
+    def rand(*shape):
+        return torch.randn(P, *shape, generator=gen)
+
+    z, b, g, m = ([rand(K, X), rand(X, V)] for _ in range(4))
+    zo, mo, bo = ([torch.full_like(x, float("nan")) for x in z] for _ in range(3))
+    s = torch.full((P, 2), float("nan"))
+    module.tiles_kernel[(P,)](*z, *((None, None) if first else b), *g, *(m if momentum else (None, None)),
+                              *zo, *(mo if momentum else (None, None)), *(bo if retained else (None, None)),
+                              s, decay, beta, K, X, V, BK=BK, BX=BX, BV=BV, AT_RETAINED=retained,
+                              MOMENTUM=momentum)
+    for i in range(2):
+        base = (z if first else b)[i].double()
+        w = decay * base if retained else base
+        grad = g[i].double() * w
+        if momentum:
+            m_new = beta * m[i].double() + grad
+            torch.testing.assert_close(mo[i].double(), m_new, rtol=1e-6, atol=1e-6)
+            want = decay * z[i].double() - m_new
+        else:
+            want = decay * z[i].double() - grad
+        torch.testing.assert_close(zo[i].double(), want, rtol=1e-6, atol=1e-6)
+        if retained:
+            torch.testing.assert_close(bo[i].double(), w, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(s[:, i].double(), base.abs().pow(3).sum(dim=(1, 2)), rtol=1e-5, atol=0)

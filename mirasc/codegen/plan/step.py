@@ -241,7 +241,9 @@ def _plan_step_mlp(ir: LayerIR) -> StepMlpPlan | Refusal:
         max_dim=128,
         bx=32,
         warps=((4096, 4), (128 * 128, 8)),
-        helpers=("_step_input", "_step_vecmat", "_step_ln", "_step_ln_vjp", "_step_lq_rnorm", "_step_lq_r"),
+        helpers=("_step_operand", "_step_input", "_step_vecmat", "_step_ln", "_step_ln_vjp", "_step_lq_rnorm",
+                 "_step_lq_r", "_step_tile", "_step_base", "_step_base_or", "_step_retain", "_step_update",
+                 "_step_lq_sum"),
         pasted=pasted,
     )
 

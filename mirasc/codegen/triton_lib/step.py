@@ -87,3 +87,75 @@ def _step_ln_vjp(g, n, rstd, vmask):
     mean_g = tl.sum(g, axis=1)[:, None] / n_v
     mean_gn = tl.sum(g * n, axis=1)[:, None] / n_v
     return tl.where(vmask[None, :], rstd * (g - mean_g - n * mean_gn), 0.0)
+
+
+@triton.jit
+def _step_operand(ptr, off, rv, vmask, LIT: tl.constexpr, CHANNEL: tl.constexpr):
+    """A rule operand (lr, decay, beta): the literal LIT where ptr is None (a constant, or absent), else
+    the token's input at offset `off` (_step_input)."""
+    if ptr is None:
+        return LIT
+    else:
+        return _step_input(ptr, off, rv, vmask, CHANNEL)
+
+
+@triton.jit
+def _step_tile(x0, rx, X, kmask, vmask, w1_off, w2_off, V):
+    """The hidden tile of columns x0 .. x0 + BX - 1 of a depth-2 memory -> (off1, off2, mask1, mask2):
+    the offsets and masks of its columns of W_1 [BK, BX] and its rows of W_2 [BX, BV] (w1_off, w2_off:
+    the (batch, head)'s matrices, w1_off over rows [BK, 1] and w2_off over columns [1, BV])."""
+    cols = x0 + rx
+    xmask = cols < X
+    return (w1_off + cols[None, :], w2_off + cols[:, None] * V,
+            kmask[:, None] & xmask[None, :], xmask[:, None] & vmask[None, :])
+
+
+@triton.jit
+def _step_base(z_ptr, b_ptr, off, mask):
+    """A tile of the chunk's base Z_b: read from z_ptr at the chunk's first token (b_ptr None), else
+    from b_ptr."""
+    if b_ptr is None:
+        return tl.load(z_ptr + off, mask=mask, other=0.0)
+    else:
+        return tl.load(b_ptr + off, mask=mask, other=0.0)
+
+
+@triton.jit
+def _step_base_or(z, b_ptr, off, mask):
+    """_step_base where the tile z of Z is already read: z itself at the chunk's first token."""
+    if b_ptr is None:
+        return z
+    else:
+        return tl.load(b_ptr + off, mask=mask, other=0.0)
+
+
+@triton.jit
+def _step_retain(w, decay, b_out_ptr, off, mask, AT_RETAINED: tl.constexpr):
+    """The gradient point of a base tile w: alpha Z_b at=retained (Z_b already carries the chunk's earlier
+    alphas), also stored as the next token's base where b_out_ptr is not None; else w itself."""
+    if AT_RETAINED:
+        w = decay * w
+        if b_out_ptr is not None:
+            tl.store(b_out_ptr + off, w, mask=mask)
+    return w
+
+
+@triton.jit
+def _step_update(z, grad, decay, beta, m_ptr, m_out_ptr, z_out_ptr, off, mask, MOMENTUM: tl.constexpr):
+    """The update of a tile z of Z by its gradient G: gd Z' = alpha Z - G; momentum m' = beta m + G
+    (m read from m_ptr, stored to m_out_ptr), Z' = alpha Z - m'. Stores Z' to z_out_ptr and returns it."""
+    if MOMENTUM:
+        mom = beta * tl.load(m_ptr + off, mask=mask, other=0.0) + grad
+        tl.store(m_out_ptr + off, mom, mask=mask)
+        z = decay * z - mom
+    else:
+        z = decay * z - grad
+    tl.store(z_out_ptr + off, z, mask=mask)
+    return z
+
+
+@triton.jit
+def _step_lq_sum(z, Q: tl.constexpr, QI: tl.constexpr):
+    """||z||_q^q of a tile z (padded entries 0): one term of a matrix's sum over its tiles
+    (_step_lq_r)."""
+    return tl.sum(tl.sum(_lq_pow(z, Q, QI), axis=1), axis=0)
