@@ -122,6 +122,25 @@ def flatten_state(state) -> list:
     return [state] if torch.is_tensor(state) else list(state)
 
 
+def state_vector(state) -> torch.Tensor:
+    """A state (one tensor or a tuple of tensors) as one flat vector, to compare whole states."""
+    return torch.cat([x.flatten() for x in flatten_state(state)])
+
+
+def decode_steps(module, qkv, params: dict, state, chunk: int, backend: str, start: int, stop: int):
+    """module.step() over tokens start..stop-1 of q, k, v [B, T, H, *] with the gates' token slices ->
+    (outputs [B, stop - start, H, V], the last DecodeState); every output keeps v's dtype and shape."""
+    q, k, v = qkv
+    outs = []
+    for t in range(start, stop):
+        o, state = module.step(q[:, t], k[:, t], v[:, t], **{n: (p if p.dim() == 1 else p[:, t])
+                                                             for n, p in params.items()},
+                               state=state, chunk_size=chunk, backend=backend)
+        assert o.dtype == v.dtype and o.shape == (v.shape[0], v.shape[2], v.shape[3])
+        outs.append(o)
+    return torch.stack(outs, 1), state
+
+
 def draw_lengths(total: int, n: int, seed: int) -> list[int]:
     """n positive sequence lengths summing to total, from a seeded random split."""
     g = torch.Generator().manual_seed(seed)

@@ -11,6 +11,7 @@ import torch
 
 from mirasc.testing import (  # noqa: F401 - the tests import these from here
     compile_module,
+    decode_steps,
     flatten_state,
     import_source,
     layer_dims,
@@ -18,6 +19,7 @@ from mirasc.testing import (  # noqa: F401 - the tests import these from here
     make_state,
     rel,
     stable_seed,
+    state_vector,
 )
 
 # Without a GPU the Triton kernels run in Triton's interpreter; it must be chosen before any kernel is

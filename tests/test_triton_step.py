@@ -11,7 +11,16 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import CountLaunches, LinearVariant, compile_module, indexed_params, make_inputs, rel
+from conftest import (
+    CountLaunches,
+    LinearVariant,
+    compile_module,
+    decode_steps,
+    indexed_params,
+    make_inputs,
+    rel,
+    state_vector,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -136,22 +145,6 @@ def _closed(ir, decoded, params):
     return state - torch.minimum(torch.maximum(state, -g), g)
 
 
-def _flat(state):
-    """A state (Z, or the tuple (Z, m)) as one vector, to compare whole states."""
-    return state.flatten() if isinstance(state, torch.Tensor) else torch.cat([x.flatten() for x in state])
-
-
-def _decode(module, qkv, params, state, chunk, backend, start, stop):
-    """step() over tokens start..stop-1 -> (outputs [B, T, H, V], the last DecodeState)."""
-    q, k, v = qkv
-    outs = []
-    for t in range(start, stop):
-        o, state = module.step(q[:, t], k[:, t], v[:, t], **{n: (p if p.dim() == 1 else p[:, t])
-                                                             for n, p in params.items()},
-                               state=state, chunk_size=chunk, backend=backend)
-        assert o.dtype == v.dtype and o.shape == (v.shape[0], v.shape[2], v.shape[3])
-        outs.append(o)
-    return torch.stack(outs, 1), state
 
 
 @pytest.mark.parametrize(("i", "variant"), indexed_params(ALL_VARIANTS))
@@ -164,9 +157,9 @@ def test_triton_step_matches_torch_step_and_reference(i, variant, tmp_path, monk
     T = chunk + 5 if chunk > 1 else 7  # crosses a chunk boundary, ends inside a chunk
     qkv, params, s0 = _inputs(ir, dtype, B, T, H, K, V, seed=2000 + i)
 
-    o_tr, st_tr = _decode(module, qkv, params, module.decode_state(s0), chunk, "triton", 0, T)
+    o_tr, st_tr = decode_steps(module, qkv, params, module.decode_state(s0), chunk, "triton", 0, T)
     assert counter.launches == T, "step(backend='triton') did not run the fused kernel for every token"
-    o_to, st_to = _decode(module, qkv, params, module.decode_state(s0), chunk, "torch", 0, T)
+    o_to, st_to = decode_steps(module, qkv, params, module.decode_state(s0), chunk, "torch", 0, T)
     assert counter.launches == T
     o_ref, s_ref = module.memory(*_f64(qkv), **dict(zip(params, _f64(params.values()))),
                                  initial_state=_f64(s0), output_final_state=True, chunk_size=chunk,
@@ -177,17 +170,17 @@ def test_triton_step_matches_torch_step_and_reference(i, variant, tmp_path, monk
     assert rel(o_tr, o_to) < o_tol, f"o vs torch step: {rel(o_tr, o_to):.2e}"
     assert st_tr.pos == st_to.pos == T % chunk
     assert type(st_tr.state) is type(st_to.state)
-    assert _flat(st_tr.state).dtype == torch.float32 and st_tr.base.dtype == torch.float32
-    s_tr, s_to = _flat(st_tr.state), _flat(st_to.state)
+    assert state_vector(st_tr.state).dtype == torch.float32 and st_tr.base.dtype == torch.float32
+    s_tr, s_to = state_vector(st_tr.state), state_vector(st_to.state)
     assert rel(s_tr, s_to) < 1e-5, f"state vs torch step: {rel(s_tr, s_to):.2e}"
     assert rel(st_tr.base, st_to.base) < 1e-5, f"base vs torch step: {rel(st_tr.base, st_to.base):.2e}"
     # Against the oracle: the whole sequence as one memory() call, float64.
     o_tol = 1e-4 if dtype == torch.float32 else 1e-2
     assert torch.isfinite(o_tr).all() and torch.isfinite(s_tr).all()
     assert rel(o_tr, o_ref) < o_tol, f"o vs reference: {rel(o_tr, o_ref):.2e}"
-    s_end = _flat(_closed(ir, st_tr, params))
-    assert rel(s_end, _flat(s_ref)) < 1e-4, f"final state vs reference: {rel(s_end, _flat(s_ref)):.2e}"
-    assert rel(_flat(s_ref), _flat(s0)) > 1e-2, "the state barely moved: the comparison could not fail"
+    s_end = state_vector(_closed(ir, st_tr, params))
+    assert rel(s_end, state_vector(s_ref)) < 1e-4, f"final state vs reference: {rel(s_end, state_vector(s_ref)):.2e}"
+    assert rel(state_vector(s_ref), state_vector(s0)) > 1e-2, "the state barely moved: the comparison could not fail"
 
 
 # the gd variants 0, 2, 4, 5, 6, and every momentum and map variant
@@ -207,15 +200,15 @@ def test_prefill_then_triton_steps_equals_one_call(i, variant, tmp_path):
         o_pre, s = module.memory(q[:, :P], k[:, :P], v[:, :P],
                                  **{n: (p if p.dim() == 1 else p[:, :P]) for n, p in params.items()},
                                  initial_state=s0, output_final_state=True, chunk_size=chunk)
-        o_dec, state = _decode(module, qkv, params, module.decode_state(s), chunk, "triton", P, T)
+        o_dec, state = decode_steps(module, qkv, params, module.decode_state(s), chunk, "triton", P, T)
     o_ref, s_ref = module.memory(*_f64(qkv), **dict(zip(params, _f64(params.values()))),
                                  initial_state=_f64(s0), output_final_state=True, chunk_size=chunk,
                                  backend="reference")
     tol = 1e-4 if dtype == torch.float32 else 1e-2
     assert rel(o_pre, o_ref[:, :P]) < tol, f"prefill: {rel(o_pre, o_ref[:, :P]):.2e}"
     assert rel(o_dec, o_ref[:, P:]) < tol, f"decoded tokens: {rel(o_dec, o_ref[:, P:]):.2e}"
-    s_end = _flat(_closed(ir, state, params))
-    assert rel(s_end, _flat(s_ref)) < 1e-4, f"final state: {rel(s_end, _flat(s_ref)):.2e}"
+    s_end = state_vector(_closed(ir, state, params))
+    assert rel(s_end, state_vector(s_ref)) < 1e-4, f"final state: {rel(s_end, state_vector(s_ref)):.2e}"
 
 
 def test_auto_picks_the_kernel_only_where_it_applies(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import CountLaunches, compile_module, flatten_state, make_inputs, make_state, rel
+from conftest import CountLaunches, compile_module, decode_steps, make_inputs, make_state, rel, state_vector
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ETA = "gate eta : head = softplus(rank=4, init=0.1)"
@@ -125,21 +125,6 @@ def _f64(xs):
     return (tuple if isinstance(xs, tuple) else list)(x.double() for x in xs)
 
 
-def _flat(state) -> torch.Tensor:
-    return torch.cat([x.flatten() for x in flatten_state(state)])
-
-
-def _decode(module, qkv, params, state, chunk, backend, start, stop):
-    """step() over tokens start..stop-1 -> (outputs [B, T, H, V], the last DecodeState)."""
-    q, k, v = qkv
-    outs = []
-    for t in range(start, stop):
-        o, state = module.step(q[:, t], k[:, t], v[:, t], **{n: (p if p.dim() == 1 else p[:, t])
-                                                             for n, p in params.items()},
-                               state=state, chunk_size=chunk, backend=backend)
-        assert o.dtype == v.dtype and o.shape == (v.shape[0], v.shape[2], v.shape[3])
-        outs.append(o)
-    return torch.stack(outs, 1), state
 
 
 @pytest.mark.parametrize(("i", "variant"), list(enumerate(VARIANTS)), ids=IDS)
@@ -152,9 +137,9 @@ def test_triton_step_matches_torch_step_and_reference(i, variant, tmp_path, monk
     T = chunk + 6 if chunk > 1 else 7  # crosses chunk ends, ends inside a chunk where chunk > 1
     qkv, params, s0 = _inputs(ir, variant, B, T, H, seed=4000 + i)
 
-    o_tr, st_tr = _decode(module, qkv, params, module.decode_state(s0), chunk, "triton", 0, T)
+    o_tr, st_tr = decode_steps(module, qkv, params, module.decode_state(s0), chunk, "triton", 0, T)
     assert counter.launches == T, "step(backend='triton') did not run the fused kernel for every token"
-    o_to, st_to = _decode(module, qkv, params, module.decode_state(s0), chunk, "torch", 0, T)
+    o_to, st_to = decode_steps(module, qkv, params, module.decode_state(s0), chunk, "torch", 0, T)
     assert counter.launches == T
     o_ref, s_ref = module.memory(*_f64(qkv), **dict(zip(params, _f64(params.values()))),
                                  initial_state=_f64(s0), output_final_state=True, chunk_size=chunk,
@@ -174,11 +159,11 @@ def test_triton_step_matches_torch_step_and_reference(i, variant, tmp_path, monk
             assert x.shape == y.shape and rel(x, y) < 5e-5, f"{what}[{n}] vs torch step: {rel(x, y):.2e}"
     # Against the oracle: the whole sequence as one memory() call, float64.
     o_tol = 1e-4 if variant.dtype == torch.float32 else 1e-2
-    assert torch.isfinite(o_tr).all() and torch.isfinite(_flat(st_tr.state)).all()
+    assert torch.isfinite(o_tr).all() and torch.isfinite(state_vector(st_tr.state)).all()
     assert rel(o_tr, o_ref) < o_tol, f"o vs reference: {rel(o_tr, o_ref):.2e}"
-    s_tr = _flat(st_tr.state)
-    assert rel(s_tr, _flat(s_ref)) < 1e-4, f"final state vs reference: {rel(s_tr, _flat(s_ref)):.2e}"
-    assert rel(_flat(s_ref), _flat(s0)) > 1e-2, "the state barely moved: the comparison could not fail"
+    s_tr = state_vector(st_tr.state)
+    assert rel(s_tr, state_vector(s_ref)) < 1e-4, f"final state vs reference: {rel(s_tr, state_vector(s_ref)):.2e}"
+    assert rel(state_vector(s_ref), state_vector(s0)) > 1e-2, "the state barely moved: the comparison could not fail"
 
 
 @pytest.mark.parametrize(("i", "variant"), list(enumerate(VARIANTS)), ids=IDS)
@@ -194,14 +179,14 @@ def test_prefill_then_triton_steps_equals_one_call(i, variant, tmp_path):
         o_pre, s = module.memory(q[:, :P], k[:, :P], v[:, :P],
                                  **{n: (p if p.dim() == 1 else p[:, :P]) for n, p in params.items()},
                                  initial_state=s0, output_final_state=True, chunk_size=chunk)
-        o_dec, state = _decode(module, qkv, params, module.decode_state(s), chunk, "triton", P, T)
+        o_dec, state = decode_steps(module, qkv, params, module.decode_state(s), chunk, "triton", P, T)
     o_ref, s_ref = module.memory(*_f64(qkv), **dict(zip(params, _f64(params.values()))),
                                  initial_state=_f64(s0), output_final_state=True, chunk_size=chunk,
                                  backend="reference")
     tol = 1e-4 if variant.dtype == torch.float32 else 1e-2
     assert rel(o_pre, o_ref[:, :P]) < tol, f"prefill: {rel(o_pre, o_ref[:, :P]):.2e}"
     assert rel(o_dec, o_ref[:, P:]) < tol, f"decoded tokens: {rel(o_dec, o_ref[:, P:]):.2e}"
-    assert rel(_flat(state.state), _flat(s_ref)) < 1e-4, f"final state: {rel(_flat(state.state), _flat(s_ref)):.2e}"
+    assert rel(state_vector(state.state), state_vector(s_ref)) < 1e-4, f"final state: {rel(state_vector(state.state), state_vector(s_ref)):.2e}"
 
 
 def test_auto_and_refusals(tmp_path, monkeypatch):
