@@ -3,9 +3,10 @@
     python benchmarks/bench_step.py            # writes $OUT/step.md when $OUT is set
     TRITON_INTERPRET=1 python benchmarks/bench_step.py --smoke   # a CPU dry run of the script's paths
 
-Layers: the example specs with a fused step (RetNet, DeltaNet, Gated DeltaNet; the MLP memories of
-Titans, Yaad and TTT-Linear) and an lp(p=3) layer with a decay gate, at B=8, H=16, K=V=64, bf16 inputs,
-decoding from a random state.
+Layers: the example specs with a fused step (RetNet, DeltaNet, Gated DeltaNet, Momentum DeltaNet; the
+MLP memories of Titans, Moneta, Yaad and TTT-Linear), an lp(p=3) layer with a decay gate and the same
+layer with each retention map (kl, bregman, elastic net), at B=8, H=16, K=V=64, bf16 inputs, decoding
+from a random state.
 Agreement: 16 tokens decoded with backend="triton" and backend="torch" from one random state; the
 relative error (norm over all elements) of the outputs and of the final state must stay below 1e-2.
 Speed, per step() call, for each backend (ms):
@@ -42,7 +43,8 @@ def load(text: str, name: str, out: Path):
 def layers(out: Path) -> list:
     """(label, module, ir) of every layer that has a fused step."""
     found = []
-    for stem in ("retnet", "deltanet", "gated_deltanet", "titans", "yaad", "ttt_linear"):
+    for stem in ("retnet", "deltanet", "gated_deltanet", "momentum_deltanet", "titans", "moneta", "yaad",
+                 "ttt_linear"):
         path = ROOT / "examples" / f"{stem}.miras"
         module, ir = load(path.read_text(), str(path), out)
         if hasattr(module, "_step_kernel"):
@@ -51,6 +53,12 @@ def layers(out: Path) -> list:
             print(f"# {stem}: no fused step kernel, skipped")
     module, ir = load(lp_decay_spec(16, 64), "lp_decay.miras", out)
     found.append((f"lp(p=3) + decay gate (chunk {ir.algorithm.chunk})", module, ir))
+    for name, retention in (("kl", "kl(axis=key)"), ("bregman", "bregman"), ("elastic_net", "elastic_net(gamma=0.001)")):
+        text = lp_decay_spec(16, 64).replace("retention decay(a)", f"retention decay(a) + {retention}")
+        if text == lp_decay_spec(16, 64):
+            raise RuntimeError("lp_decay_spec changed its retention line; update bench_step.py")
+        module, ir = load(text, f"lp_decay_{name}.miras", out)
+        found.append((f"lp(p=3) + decay + {retention} (chunk {ir.algorithm.chunk})", module, ir))
     return found
 
 
@@ -77,8 +85,9 @@ def agreement(module, ir, B, H, K, V, dev, dtype, n=16) -> tuple[float, float]:
     return rel(outs["triton"], outs["torch"]), rel(finals["triton"], finals["torch"])
 
 
-def wall_ms(fn, n: int, sync) -> float:
-    fn()
+def wall_ms(fn, n: int, sync, warm: int = 1) -> float:
+    for _ in range(warm):  # a whole chunk: its last token compiles a kernel variant of its own
+        fn()
     sync()
     t0 = time.perf_counter()
     for _ in range(n):
@@ -107,7 +116,7 @@ def time_backend(module, ir, backend, B, H, K, V, dev, dtype, smoke: bool) -> di
                 carried[0] = state  # stay inside the chunk, as the timed step does
 
         sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-        res = {"wall": wall_ms(carry, 20 if smoke else 500, sync)}
+        res = {"wall": wall_ms(carry, 20 if smoke else 500, sync, warm=ir.algorithm.chunk + 1)}
         if smoke:
             res["gpu"] = wall_ms(one, 20, sync)
             res["graph"] = "n/a: CPU dry run"

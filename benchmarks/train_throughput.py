@@ -8,7 +8,9 @@ length of the preset, byte vocabulary of 256, backend "auto": the Triton kernels
 optimizer step is what the trainer runs: forward + backward under bf16 autocast, gradient clipping,
 AdamW. Inputs are random token ids (speed does not depend on the data). Each model runs 2 warm-up steps
 (Triton compiles there), then --steps timed steps; the table gives the median tokens/s, the seconds per
-step and the peak GPU memory. fla's GatedDeltaNetForCausalLM (fla 0.6.0, when `import fla` works) runs
+step and the peak GPU memory. Then the model decodes: a prompt of --prompt random bytes, then 64 new
+tokens, greedy, through the cache (`generate_bytes`, what `mirasc generate` runs; fla's through its
+Hugging Face `generate`); the table gives ms per new token. fla's GatedDeltaNetForCausalLM (fla 0.6.0, when `import fla` works) runs
 with the same width, depth, heads, head dim (expand_v 1), vocabulary and loop.
 """
 from __future__ import annotations
@@ -40,7 +42,31 @@ def fla_gated_deltanet(p: dict) -> torch.nn.Module:
     return GatedDeltaNetForCausalLM(cfg)
 
 
-def run(name: str, make, seq_len: int, batch: int, steps: int) -> dict:
+def decode_ms(name: str, model, prompt_len: int, new: int = 64) -> float:
+    """Milliseconds per generated token after a prompt of prompt_len random bytes (greedy, batch 1)."""
+    model.eval()
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, VOCAB, (prompt_len,), generator=gen)
+    with torch.no_grad():
+        if name.startswith("fla"):
+            ids = prompt[None].cuda()
+
+            def timed(n):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True)
+                torch.cuda.synchronize()
+                return time.perf_counter() - t0
+
+            timed(2)  # warm-up (kernels compile)
+            return (timed(new) - timed(1)) / (new - 1) * 1e3
+        from mirasc.lm.generate import generate_bytes
+
+        generate_bytes(model, bytes(prompt.tolist()), max_new_tokens=4)  # warm-up (kernels compile)
+        return generate_bytes(model, bytes(prompt.tolist()), max_new_tokens=new)[1]["ms_per_token"]
+
+
+def run(name: str, make, seq_len: int, batch: int, steps: int, prompt_len: int) -> dict:
     """Time optimizer steps of one model; returns its row (or the error's first line)."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -55,6 +81,9 @@ def run(name: str, make, seq_len: int, batch: int, steps: int) -> dict:
         t0 = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits = model(input_ids=ids[:, :-1]).logits
+        if i == 0:
+            torch.cuda.synchronize()
+            print(f"  {name} step 0: forward done after {time.perf_counter() - t0:.1f} s", flush=True)
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -68,8 +97,20 @@ def run(name: str, make, seq_len: int, batch: int, steps: int) -> dict:
     s = statistics.median(times)
     row = {"model": name, "params_m": n_params / 1e6, "s_per_step": s, "tok_s": batch * seq_len / s,
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": loss.item()}
+    if prompt_len:
+        opt.zero_grad(set_to_none=True)
+        try:
+            row["decode_ms"] = decode_ms(name, model, prompt_len)
+            print(f"  {name} decode: {row['decode_ms']:.2f} ms / token", flush=True)
+        except Exception as exc:  # noqa: BLE001 -- reported in the table
+            row["decode_ms"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}"
+            print(f"  {name} decode: {row['decode_ms']}", flush=True)
     del model, opt
     return row
+
+
+def fmt(x) -> str:
+    return f"{x:.2f}" if isinstance(x, float) else str(x)
 
 
 def main() -> None:
@@ -81,6 +122,8 @@ def main() -> None:
     ap.add_argument("--specs", nargs="*", default=["gated_deltanet", "lp3", "titans", "moneta"],
                     help="examples to train (none: only the peer)")
     ap.add_argument("--no-fla", action="store_true")
+    ap.add_argument("--fla-only", action="store_true", help="only the peer")
+    ap.add_argument("--prompt", type=int, default=512, help="prompt bytes before decoding (0: no decoding)")
     ap.add_argument("--out", default=None, help="also write the markdown table here")
     args = ap.parse_args()
     p = PRESETS[args.preset]
@@ -91,7 +134,7 @@ def main() -> None:
     print(head, flush=True)
     rows = []
     makers = [(s, lambda s=s: build_model(make_config(ROOT / "examples" / f"{s}.miras", preset=args.preset),
-                                          VOCAB)) for s in args.specs]
+                                          VOCAB)) for s in ([] if args.fla_only else args.specs)]
     if not args.no_fla:
         try:
             import fla  # noqa: F401
@@ -101,20 +144,20 @@ def main() -> None:
             print(f"fla not importable: {type(exc).__name__}: {exc}", flush=True)
     for name, make in makers:
         try:
-            rows.append(run(name, make, seq_len, args.batch, args.steps))
+            rows.append(run(name, make, seq_len, args.batch, args.steps, args.prompt))
         except Exception as exc:  # noqa: BLE001 -- one failing model must not stop the others
             msg = str(exc).splitlines()[0][:160] if str(exc) else ""
             print(f"  {name}: {type(exc).__name__}: {msg}", flush=True)
             rows.append({"model": name, "error": f"{type(exc).__name__}: {msg}"})
         torch.cuda.empty_cache()
-    lines = [f"# Training throughput\n\n{head}\n", "| model | params (M) | s / step | tokens / s | peak GiB |",
-             "|---|---|---|---|---|"]
+    lines = [f"# Training throughput\n\n{head}\n", "| model | params (M) | s / step | tokens / s | peak GiB | decode ms / token |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | | | {r['error']} | |")
+            lines.append(f"| {r['model']} | | | {r['error']} | | |")
         else:
             lines.append(f"| {r['model']} | {r['params_m']:.1f} | {r['s_per_step']:.3f} | {r['tok_s']:,.0f} | "
-                         f"{r['peak_gib']:.1f} |")
+                         f"{r['peak_gib']:.1f} | {fmt(r.get('decode_ms', ''))} |")
     table = "\n".join(lines) + "\n"
     print(table, flush=True)
     if args.out:
