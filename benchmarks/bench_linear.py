@@ -42,8 +42,8 @@ import triton
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import bf16_nudged, import_spec, peak_mib, rel
-from mirasc.testing import flatten_state, long_sequence_range, make_inputs, make_state
+from benchmarks.common import bf16_nudged, import_spec, peak_mib, rel, stable_ranges
+from mirasc.testing import flatten_state, make_inputs, make_state
 
 B, T, H, D = (1, 40, 2, 16) if SMOKE else (8, 2048, 16, 64)
 DEV = "cpu" if SMOKE else "cuda"
@@ -108,26 +108,10 @@ def load_module(i: int, text: str):
     return import_spec(text, f"bench{i}.miras", Path(tempfile.mkdtemp()), "_bench_linear_")
 
 
-def ranges(ir):
-    """Gate ranges stable over thousands of tokens: mirasc.testing.long_sequence_range, except that under
-    momentum a gate used as the learning rate lies in (0.02, 0.1) * min(1, 4 / chunk) and the momentum
-    gate in (0.5, 0.9), so that a chunk's summed step lr * chunk / (1 - momentum) stays small (the
-    lp(p=3) layer with momentum at chunk 64 diverges with lr 0.1 on every backend)."""
-    alg = ir.algorithm
-
-    def pick(p):
-        if alg.kind == "momentum" and p.name == alg.lr:
-            return 0.02 * min(1.0, 4 / alg.chunk), 0.1 * min(1.0, 4 / alg.chunk)
-        if alg.kind == "momentum" and p.name == alg.beta:
-            return 0.5, 0.9
-        return long_sequence_range(p)
-    return pick
-
-
 def inputs(ir, Tn=T, dtype=torch.bfloat16, seed=0, Bn=B):
-    """q, k, v in dtype; fp32 gates in ranges stable over Tn tokens (`ranges`)."""
+    """q, k, v in dtype; fp32 gates in ranges stable over Tn tokens (`stable_ranges`)."""
     q, k, v, params, _ = make_inputs(ir, Bn, Tn, H, D, D, dtype=torch.float32, seed=seed, device=DEV,
-                                     ranges=ranges(ir))
+                                     ranges=stable_ranges(ir))
     return q.to(dtype), k.to(dtype), v.to(dtype), params
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mirasc.testing import compile_module, rel  # noqa: F401 - the scripts import rel from here
+from mirasc.testing import compile_module, long_sequence_range, rel  # noqa: F401 - scripts import rel here
 
 
 def import_spec(text: str, name: str, out: Path, prefix: str):
@@ -68,3 +68,19 @@ def median_ms(fn, dry_run: bool = False) -> float:
         return float("nan")
     import triton
     return triton.testing.do_bench(fn)
+
+
+def stable_ranges(ir):
+    """Gate ranges stable over thousands of tokens: mirasc.testing.long_sequence_range, except that under
+    momentum a gate used as the learning rate lies in (0.02, 0.1) * min(1, 4 / chunk) and the momentum
+    gate in (0.5, 0.9), so that a chunk's summed step lr * chunk / (1 - momentum) stays small (the
+    lp(p=3) layer with momentum at chunk 64 diverges with lr 0.1 on every backend)."""
+    alg = ir.algorithm
+
+    def pick(p):
+        if alg.kind == "momentum" and p.name == alg.lr:
+            return 0.02 * min(1.0, 4 / alg.chunk), 0.1 * min(1.0, 4 / alg.chunk)
+        if alg.kind == "momentum" and p.name == alg.beta:
+            return 0.5, 0.9
+        return long_sequence_range(p)
+    return pick

@@ -95,3 +95,33 @@ def test_nan_stays_in_its_packed_sequence(compiled_examples, backend):
     assert not (~torch.isfinite(o[0, :, 1])).any()
     fb = _final_bad(final)
     assert fb[:, 0].tolist() == [False, True, False] and not fb[:, 1].any()
+
+
+def test_nonfinite_token_pass_reads_every_gate_layout(compiled_examples):
+    """The guard's one-pass kernel flags exactly the tokens whose q, k, v or gate ([B, T, H],
+    [B, T, H, V], a per-head [H]; more than the four the kernel reads, the rest by torch) hold a nan or
+    an inf, against torch.isfinite token by token."""
+    module, _ = compiled_examples["gated_deltanet"]
+    gen = torch.Generator().manual_seed(5)
+    B, T, H, K, V = 2, 37, 3, 8, 4
+    q, k = (torch.randn(B, T, H, K, generator=gen) for _ in range(2))
+    v = torch.randn(B, T, H, V, generator=gen)
+    gates = [torch.rand(B, T, H, generator=gen), torch.rand(B, T, H, V, generator=gen),
+             torch.rand(H, generator=gen), torch.rand(B, T, H, generator=gen),
+             torch.rand(B, T, H, V, generator=gen), torch.rand(H, generator=gen)]
+    spots = [(q, (0, 3, 1, 7), float("nan")), (k, (1, 36, 2, 0), float("inf")), (v, (1, 0, 0, 3), -float("inf")),
+             (gates[0], (0, 10, 2), float("nan")), (gates[1], (1, 20, 1, 2), float("inf")),
+             (gates[3], (0, 30, 0), float("nan")), (gates[4], (1, 5, 2, 1), float("nan"))]
+    for x, at, value in spots:
+        x[at] = value
+    expect = torch.zeros(B, T, H, dtype=torch.bool)
+    for x, at, _ in spots:
+        expect[at[:3]] = True
+    assert torch.equal(module._nonfinite_tokens(q, k, v, gates), expect)
+    gates[2][1] = float("nan")  # a per-head gate among the kernel's four reaches every token of head 1
+    gates[5][0] = float("inf")  # and one beyond them (torch) those of head 0
+    expect[:, :, 1] = True
+    expect[:, :, 0] = True
+    assert torch.equal(module._nonfinite_tokens(q, k, v, gates), expect)
+    assert not module._nonfinite_tokens(*(torch.ones_like(x) for x in (q, k, v)),
+                                        [torch.ones_like(g) for g in gates]).any()

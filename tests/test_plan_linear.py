@@ -59,7 +59,8 @@ def test_momentum_and_per_channel_decay_get_their_own_kernels():
     mom = plan_linear(_example("quantile"))
     assert mom.kernels == "momentum" and mom.momentum
     assert _kernels(_example("quantile")).beta is not None  # the launcher passes the momentum gate
-    assert mom.launch.num_stages == 1 and mom.launch.num_warps == 4
+    assert mom.launch.num_stages == 1 and mom.launch.num_warps == 8
+    assert mom.launch.fp32_sub16_area == 128 * 64  # the momentum backward holds a state and its gradient more
     assert mom.launch.min_bv == 64  # the momentum kernels run no value tile under 64 columns on a GPU
     assert "def _momentum_weights(" in mom.library_src
     chan = plan_linear(_example("log_cosh"))

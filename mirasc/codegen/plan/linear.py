@@ -123,19 +123,20 @@ LIBRARY = {
 
 
 def _launch(kernels: str, needs_y: bool, wy: bool) -> LinearLaunch:
-    """The launch table. The per-channel kernels run 8 warps; the momentum and per-channel kernels turn
-    off software pipelining of the tile loads (its buffers would exceed a Hopper SM's shared memory at
-    64-token tiles). The WY backward holds a [BT, BT] inverse more, so fp32 16-token tiles stop at
-    128 x 64 (docs/kernels-matrix.md has the measurements). The map kernels run 8 warps without
+    """The launch table. The momentum and per-channel kernels run 8 warps (fewer spills) and turn off
+    software pipelining of the tile loads (its buffers would exceed a Hopper SM's shared memory in some
+    configurations). The WY backward holds a [BT, BT] inverse more, and the momentum backward a state
+    and its gradient more, so their fp32 16-token tiles stop at 128 x 64 (docs/kernels-matrix.md has the
+    measurements). The map kernels run 8 warps without
     pipelining (benchmarks/results/check_sm90_maps_2026-12-05.md)."""
     if kernels == "map":  # 8 warps for the backward's ten-odd [BK, BV] fp32 tensors held in registers
         return LinearLaunch(num_warps=8, num_stages=1, tiling="segment", fp32_sub16_area=0)
     tiling = "fixed" if not needs_y else ("wy" if wy else "substitute")
     return LinearLaunch(
-        num_warps=8 if kernels == "channel" else 4,
+        num_warps=4 if kernels == "scalar" else 8,
         num_stages=None if kernels == "scalar" else 1,
         tiling=tiling,
-        fp32_sub16_area=128 * (64 if wy else 128),
+        fp32_sub16_area=128 * (64 if wy or kernels == "momentum" else 128),
         min_bv=64 if kernels == "momentum" else 16,
     )
 
