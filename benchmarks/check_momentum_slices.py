@@ -23,7 +23,7 @@ def one(D: int, H: int, n: int | None) -> None:
     import torch
     sys.path.insert(0, str(ROOT))
     import benchmarks.bench_linear as bl
-    from benchmarks.common import import_spec
+    from benchmarks.common import import_spec, rel, stable_ranges
     from mirasc.testing import make_inputs
 
     bias, ret, alg, decls = bl.LAYERS["lp(p=3) + decay, momentum (chunk 64)"]
@@ -35,7 +35,7 @@ def one(D: int, H: int, n: int | None) -> None:
     if n is not None:
         module._value_slices = lambda K, V, chunk, dtype: n
     q, k, v, params, _ = make_inputs(ir, 2, 1024, H, D, D, dtype=torch.float32, device="cuda",
-                                     ranges=bl.ranges(ir))
+                                     ranges=stable_ranges(ir))
     out = {}
     for backend, dt in (("triton", torch.bfloat16), ("torch", torch.float32)):
         leaves = [x.detach().to(dt).requires_grad_() for x in (q, k, v)]
@@ -44,7 +44,7 @@ def one(D: int, H: int, n: int | None) -> None:
         (o.float() * torch.linspace(-1, 1, o.shape[-1], device="cuda")).sum().backward()
         torch.cuda.synchronize()
         out[backend] = [o.float(), *(x.grad.float() for x in leaves)]
-    err = max(bl.rel(a, b) for a, b in zip(out["triton"], out["torch"]))
+    err = max(rel(a, b) for a, b in zip(out["triton"], out["torch"]))
     print(f"| {D} | {H} | {chosen} | {n or chosen} | {err:.1e} | {'PASS' if err < 1e-2 else 'FAIL'} |", flush=True)
 
 
