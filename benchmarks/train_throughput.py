@@ -66,8 +66,9 @@ def decode_ms(name: str, model, prompt_len: int, new: int = 64) -> float:
         return generate_bytes(model, bytes(prompt.tolist()), max_new_tokens=new)[1]["ms_per_token"]
 
 
-def run(name: str, make, seq_len: int, batch: int, steps: int, prompt_len: int) -> dict:
-    """Time optimizer steps of one model; returns its row (or the error's first line)."""
+def run(name: str, make, seq_len: int, batch: int, steps: int, prompt_len: int, compiled: bool = False) -> dict:
+    """Time optimizer steps of one model (its forward under torch.compile when `compiled`, as
+    `mirasc train --compile` runs it); returns its row (or the error's first line)."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
@@ -75,12 +76,13 @@ def run(name: str, make, seq_len: int, batch: int, steps: int, prompt_len: int) 
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(_param_groups(model, 0.1), lr=3e-4, betas=(0.9, 0.95), fused=True)
     ids = torch.randint(0, VOCAB, (batch, seq_len + 1), device="cuda")
+    forward = torch.compile(model) if compiled else model
     times = []
     for i in range(2 + steps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(input_ids=ids[:, :-1]).logits
+            logits = forward(input_ids=ids[:, :-1]).logits
         if i == 0:
             torch.cuda.synchronize()
             print(f"  {name} step 0: forward done after {time.perf_counter() - t0:.1f} s", flush=True)
@@ -123,6 +125,8 @@ def main() -> None:
                     help="examples to train (none: only the peer)")
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--fla-only", action="store_true", help="only the peer")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time each spec with its forward under torch.compile (mirasc train --compile)")
     ap.add_argument("--fla-skip-hopper-check", action="store_true",
                     help="let fla 0.6.0 run its gated backward on Hopper with Triton < 3.7.1, which it refuses "
                          "(its issue #640: wrong gradients there): for its speed only; the row says so")
@@ -138,6 +142,8 @@ def main() -> None:
     rows = []
     makers = [(s, lambda s=s: build_model(make_config(ROOT / "examples" / f"{s}.miras", preset=args.preset),
                                           VOCAB)) for s in ([] if args.fla_only else args.specs)]
+    if args.compile:
+        makers += [(f"{name} (compiled)", make) for name, make in makers]
     if not args.no_fla:
         try:
             import fla  # noqa: F401
@@ -153,7 +159,8 @@ def main() -> None:
             print(f"fla not importable: {type(exc).__name__}: {exc}", flush=True)
     for name, make in makers:
         try:
-            rows.append(run(name, make, seq_len, args.batch, args.steps, args.prompt))
+            rows.append(run(name, make, seq_len, args.batch, args.steps, args.prompt,
+                            compiled=name.endswith("(compiled)")))
         except Exception as exc:  # noqa: BLE001 -- one failing model must not stop the others
             msg = str(exc).splitlines()[0][:160] if str(exc) else ""
             print(f"  {name}: {type(exc).__name__}: {msg}", flush=True)
