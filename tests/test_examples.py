@@ -93,6 +93,26 @@ def test_module_prefill_then_decode(compiled_examples, name):
             assert_close(y_t, y_full[:, t:t + 1], f"token {t}")
 
 
+def test_one_token_call_decodes_with_step(compiled_examples, monkeypatch):
+    """A one-token call at chunk size 1 (Gated DeltaNet) runs step(), not memory()'s chunk machinery,
+    and its short convolution's weighted sum equals conv1d's output."""
+    module, ir = compiled_examples["gated_deltanet"]
+    assert ir.algorithm.chunk == 1
+    torch.manual_seed(1)
+    layer = getattr(module, ir.name)(32).double()
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    with torch.no_grad():
+        y_full, _ = layer(x)
+        _, state = layer(x[:, :8])
+
+        def no_memory(*args, **kwargs):
+            raise AssertionError("a one-token call ran memory()")
+
+        monkeypatch.setattr(module, "memory", no_memory)
+        y_t, _ = layer(x[:, 8:9], state)
+    assert_close(y_t, y_full[:, 8:9], "the decoded token")
+
+
 def test_module_trains(compiled_examples):
     """Every parameter of a block receives a finite, non-zero gradient."""
     module, ir = compiled_examples["yaad"]
