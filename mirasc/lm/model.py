@@ -53,7 +53,9 @@ def _mark_for_init(module: nn.Module) -> None:
 
 
 class MirascRMSNorm(nn.Module):
-    """RMSNorm with a learned scale, computed in float32."""
+    """RMSNorm with a learned scale, computed in float32. Under autocast the output is cast once to the
+    autocast dtype: its consumers are projections, which would each cast it (and keep each copy for the
+    backward)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -62,7 +64,10 @@ class MirascRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        y = (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        if torch.is_autocast_enabled(x.device.type):
+            y = y.to(torch.get_autocast_dtype(x.device.type))
+        return y
 
 
 class MirascMLP(nn.Module):
