@@ -127,8 +127,8 @@ def _launch(kernels: str, needs_y: bool, wy: bool) -> LinearLaunch:
     software pipelining of the tile loads (its buffers would exceed a Hopper SM's shared memory in some
     configurations). The WY backward holds a [BT, BT] inverse more, and the momentum backward a state
     and its gradient more, so their fp32 16-token tiles stop at 128 x 64 (docs/kernels-matrix.md has the
-    measurements). The map kernels run 8 warps without
-    pipelining (benchmarks/results/check_sm90_maps_2026-12-05.md)."""
+    measurements). The map kernels run 8 warps without pipelining
+    (benchmarks/results/check_sm90_maps_2026-12-05.md)."""
     if kernels == "map":  # 8 warps for the backward's ten-odd [BK, BV] fp32 tensors held in registers
         return LinearLaunch(num_warps=8, num_stages=1, tiling="segment", fp32_sub16_area=0)
     tiling = "fixed" if not needs_y else ("wy" if wy else "substitute")
