@@ -24,6 +24,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .cache import MirascCache, memory_pos, tree_cat, tree_index
 from .config import MirascConfig
+from .ops import rms_norm, swiglu
 
 IGNORE = -100
 # transformers renamed the outputs' past_key_values to cache (5.2x); either is accepted and returned
@@ -53,9 +54,9 @@ def _mark_for_init(module: nn.Module) -> None:
 
 
 class MirascRMSNorm(nn.Module):
-    """RMSNorm with a learned scale, computed in float32. Under autocast the output is cast once to the
-    autocast dtype: its consumers are projections, which would each cast it (and keep each copy for the
-    backward)."""
+    """RMSNorm with a learned scale, computed in float32 (ops.rms_norm: keeps only its input and 1/rms for
+    the backward). Under autocast the output is cast once to the autocast dtype: its consumers are
+    projections, which would each cast it (and keep each copy for the backward)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -63,11 +64,7 @@ class MirascRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
-        if torch.is_autocast_enabled(x.device.type):
-            y = y.to(torch.get_autocast_dtype(x.device.type))
-        return y
+        return rms_norm(x, self.weight, self.eps)
 
 
 class MirascMLP(nn.Module):
@@ -81,7 +78,7 @@ class MirascMLP(nn.Module):
         _mark_for_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 def apply_rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
