@@ -315,3 +315,19 @@ def test_fsdp_equals_ddp_and_resumes_on_one(corpus, ddp_run, tmp_path):
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)
     resumed = train(resume=fsdp / "checkpoint-3", out=str(tmp_path / "resumed"))
     _same_curve(_metrics(fsdp), _metrics(resumed))
+
+
+def test_the_run_says_which_backend_its_memory_layers_take():
+    """On CUDA a layer with fused kernels says so; one without (Memora's softmax map on an MLP memory)
+    names the torch backend and the reason; on the CPU the torch backend."""
+    from mirasc.train.trainer import make_config, memory_backend_line
+
+    root = ROOT / "examples"
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert memory_backend_line(make_config(root / "gated_deltanet.miras"), cuda).endswith(
+        "fused Triton kernels (matrix memory)")
+    assert memory_backend_line(make_config(root / "titans.miras"), cuda).endswith("(MLP memory)")
+    memora = memory_backend_line(make_config(root / "memora.miras"), cuda)
+    assert "the torch backend" in memora and "no triton kernel for MLP memories" in memora
+    assert "the torch backend" in memory_backend_line(make_config(root / "titans.miras"), cpu)
+    assert "'reference'" in memory_backend_line(make_config(root / "titans.miras", backend="reference"), cuda)

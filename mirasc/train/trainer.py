@@ -498,6 +498,24 @@ def _keep_global_batch(cfg: TrainConfig, saved: dict, world: int, explicit: set[
     return dataclasses.replace(cfg, batch_size=rows // (world * cfg.grad_accum))
 
 
+def memory_backend_line(cfg: TrainConfig, device: torch.device) -> str:
+    """Which backend the layers' memory() runs in this training run, and why when it is the slow one."""
+    if cfg.backend not in ("auto", "triton"):
+        return f"memory layers: backend {cfg.backend!r} (as asked)"
+    if device.type != "cuda":
+        return "memory layers: the torch backend (the fused Triton kernels run on CUDA)"
+    from mirasc import __version__
+    from mirasc.codegen.emit import plans
+    from mirasc.frontend import load_spec
+    from mirasc.symbolic.derive import derive
+
+    kernels = plans(derive(load_spec(cfg.spec, cfg.spec_file)), __version__).module.kernels
+    if kernels.family is None:
+        return (f"memory layers: the torch backend, slower and larger in memory than fused kernels: "
+                f"{kernels.reason}")
+    return f"memory layers: fused Triton kernels ({'MLP' if kernels.family == 'mlp' else 'matrix'} memory)"
+
+
 def _say(dd: Dist, *parts) -> None:
     if dd.main:
         print(*parts, flush=True)
@@ -574,6 +592,8 @@ def _train(cfg: TrainConfig, dd: Dist, model_fn, checkpoint: Path | None, explic
     _say(dd, f"corpus: {source}: {len(docs)} documents, train {train_stream.n_bytes:,} bytes "
              f"({train_stream.n_tokens:,} tokens), validation {val_stream.n_bytes:,} bytes")
     _say(dd, f"unigram entropy of the training bytes: {entropy:.3f} bits per byte")
+    if cfg.spec:
+        _say(dd, memory_backend_line(cfg, device))
     _say(dd, f"{cfg.steps} steps of {global_rows} x {cfg.seq_len} tokens "
              f"({data.epoch(cfg.steps):.2f} epochs); run folder {out}")
 
