@@ -141,6 +141,33 @@ def decode_steps(module, qkv, params: dict, state, chunk: int, backend: str, sta
     return torch.stack(outs, 1), state
 
 
+def _f64(xs):
+    """A tensor, or a tuple / list of them, in float64."""
+    if isinstance(xs, torch.Tensor):
+        return xs.double()
+    return (tuple if isinstance(xs, tuple) else list)(x.double() for x in xs)
+
+
+def reference_call(module, qkv, params: dict, s0, chunk: int):
+    """The oracle of the decode tests: one memory() call over the whole sequence on the reference backend
+    in float64, from the float64 images of the inputs and of the initial state -> (o, final state)."""
+    return module.memory(*_f64(qkv), **dict(zip(params, _f64(list(params.values())))), initial_state=_f64(s0),
+                         output_final_state=True, chunk_size=chunk, backend="reference")
+
+
+def prefill_then_steps(module, qkv, params: dict, s0, chunk: int, prefill: int, stop: int,
+                       backend: str = "triton"):
+    """memory() over tokens 0..prefill-1 (the module's default backend), then step() with `backend` over
+    prefill..stop-1 from its final state -> (prefill outputs, decoded outputs, the last DecodeState)."""
+    q, k, v = qkv
+    P = prefill
+    o_pre, s = module.memory(q[:, :P], k[:, :P], v[:, :P],
+                             **{n: (p if p.dim() == 1 else p[:, :P]) for n, p in params.items()},
+                             initial_state=s0, output_final_state=True, chunk_size=chunk)
+    o_dec, state = decode_steps(module, qkv, params, module.decode_state(s), chunk, backend, P, stop)
+    return o_pre, o_dec, state
+
+
 def draw_lengths(total: int, n: int, seed: int) -> list[int]:
     """n positive sequence lengths summing to total, from a seeded random split."""
     g = torch.Generator().manual_seed(seed)

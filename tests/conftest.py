@@ -17,6 +17,8 @@ from mirasc.testing import (  # noqa: F401 - the tests import these from here
     layer_dims,
     make_inputs,
     make_state,
+    prefill_then_steps,
+    reference_call,
     rel,
     stable_seed,
     state_vector,

@@ -18,6 +18,8 @@ from conftest import (
     decode_steps,
     indexed_params,
     make_inputs,
+    prefill_then_steps,
+    reference_call,
     rel,
     state_vector,
 )
@@ -123,12 +125,6 @@ def _inputs(ir, dtype, B, T, H, K, V, seed):
     return low[:3], dict(zip(params, low[3:])), (s0[0] if n == 1 else s0)
 
 
-def _f64(xs):
-    if isinstance(xs, torch.Tensor):
-        return xs.double()
-    return (tuple if isinstance(xs, tuple) else list)(x.double() for x in xs)
-
-
 def _closed(ir, decoded, params):
     """The decoded state as memory() returns it at the end of a call: elastic_net(form=retain) closes a
     call's unfinished last chunk with W = S_gamma(Z), gamma the last token's (other layers, and a state
@@ -161,9 +157,7 @@ def test_triton_step_matches_torch_step_and_reference(i, variant, tmp_path, monk
     assert counter.launches == T, "step(backend='triton') did not run the fused kernel for every token"
     o_to, st_to = decode_steps(module, qkv, params, module.decode_state(s0), chunk, "torch", 0, T)
     assert counter.launches == T
-    o_ref, s_ref = module.memory(*_f64(qkv), **dict(zip(params, _f64(params.values()))),
-                                 initial_state=_f64(s0), output_final_state=True, chunk_size=chunk,
-                                 backend="reference")
+    o_ref, s_ref = reference_call(module, qkv, params, s0, chunk)
 
     # Triton and torch steps: the same rule in float32, only summation order differs.
     o_tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16 outputs: 8 bits (the interpreter truncates)
@@ -195,15 +189,9 @@ def test_prefill_then_triton_steps_equals_one_call(i, variant, tmp_path):
     P = 2 * chunk if chunk > 1 else 5  # the prefill: whole chunks
     T = P + chunk + 3 if chunk > 1 else P + 6
     qkv, params, s0 = _inputs(ir, dtype, B, T, H, K, V, seed=3000 + i)
-    q, k, v = qkv
     with torch.no_grad():
-        o_pre, s = module.memory(q[:, :P], k[:, :P], v[:, :P],
-                                 **{n: (p if p.dim() == 1 else p[:, :P]) for n, p in params.items()},
-                                 initial_state=s0, output_final_state=True, chunk_size=chunk)
-        o_dec, state = decode_steps(module, qkv, params, module.decode_state(s), chunk, "triton", P, T)
-    o_ref, s_ref = module.memory(*_f64(qkv), **dict(zip(params, _f64(params.values()))),
-                                 initial_state=_f64(s0), output_final_state=True, chunk_size=chunk,
-                                 backend="reference")
+        o_pre, o_dec, state = prefill_then_steps(module, qkv, params, s0, chunk, P, T)
+    o_ref, s_ref = reference_call(module, qkv, params, s0, chunk)
     tol = 1e-4 if dtype == torch.float32 else 1e-2
     assert rel(o_pre, o_ref[:, :P]) < tol, f"prefill: {rel(o_pre, o_ref[:, :P]):.2e}"
     assert rel(o_dec, o_ref[:, P:]) < tol, f"decoded tokens: {rel(o_dec, o_ref[:, P:]):.2e}"
