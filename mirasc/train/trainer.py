@@ -499,21 +499,19 @@ def _keep_global_batch(cfg: TrainConfig, saved: dict, world: int, explicit: set[
 
 
 def memory_backend_line(cfg: TrainConfig, device: torch.device) -> str:
-    """Which backend the layers' memory() runs in this training run, and why when it is the slow one."""
+    """Which backend the layers' memory() runs in this training run, and why when it is the slow one (read
+    from the generated module, which the model has already compiled and imported)."""
     if cfg.backend not in ("auto", "triton"):
         return f"memory layers: backend {cfg.backend!r} (as asked)"
     if device.type != "cuda":
         return "memory layers: the torch backend (the fused Triton kernels run on CUDA)"
-    from mirasc import __version__
-    from mirasc.codegen.emit import plans
-    from mirasc.frontend import load_spec
-    from mirasc.symbolic.derive import derive
+    from mirasc import load_source
 
-    kernels = plans(derive(load_spec(cfg.spec, cfg.spec_file)), __version__).module.kernels
-    if kernels.family is None:
+    module = load_source(cfg.spec, cfg.spec_file)
+    if module.TRITON_KERNELS is None:
         return (f"memory layers: the torch backend, slower and larger in memory than fused kernels: "
-                f"{kernels.reason}")
-    return f"memory layers: fused Triton kernels ({'MLP' if kernels.family == 'mlp' else 'matrix'} memory)"
+                f"{module.TRITON_REASON}")
+    return f"memory layers: fused Triton kernels ({module.TRITON_KERNELS} memory)"
 
 
 def _say(dd: Dist, *parts) -> None:
