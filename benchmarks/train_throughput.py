@@ -141,9 +141,9 @@ def main() -> None:
     print(head, flush=True)
     rows = []
     makers = [(s, lambda s=s: build_model(make_config(ROOT / "examples" / f"{s}.miras", preset=args.preset),
-                                          VOCAB)) for s in ([] if args.fla_only else args.specs)]
+                                          VOCAB), False) for s in ([] if args.fla_only else args.specs)]
     if args.compile:
-        makers += [(f"{name} (compiled)", make) for name, make in makers]
+        makers += [(f"{name} (compiled)", make, True) for name, make, _ in makers]
     if not args.no_fla:
         try:
             import fla  # noqa: F401
@@ -154,13 +154,12 @@ def main() -> None:
 
                 chunk_o.TRITON_ABOVE_3_7_1 = True
                 name += " (Hopper check skipped: speed only, its gradients are not trusted)"
-            makers.append((name, lambda: fla_gated_deltanet(p)))
+            makers.append((name, lambda: fla_gated_deltanet(p), False))
         except Exception as exc:  # noqa: BLE001 -- fla's wheels are optional (any import failure)
             print(f"fla not importable: {type(exc).__name__}: {exc}", flush=True)
-    for name, make in makers:
+    for name, make, compiled in makers:
         try:
-            rows.append(run(name, make, seq_len, args.batch, args.steps, args.prompt,
-                            compiled=name.endswith("(compiled)")))
+            rows.append(run(name, make, seq_len, args.batch, args.steps, args.prompt, compiled=compiled))
         except Exception as exc:  # noqa: BLE001 -- one failing model must not stop the others
             msg = str(exc).splitlines()[0][:160] if str(exc) else ""
             print(f"  {name}: {type(exc).__name__}: {msg}", flush=True)

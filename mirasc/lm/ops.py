@@ -41,10 +41,9 @@ class _RMSNorm(torch.autograd.Function):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension with a learned scale, in float32 (float64 stays); under autocast
     the output is in the autocast dtype (its consumers are projections, which would cast it each)."""
-    out_dtype = x.dtype
     if torch.is_autocast_enabled(x.device.type):
         out_dtype = torch.get_autocast_dtype(x.device.type)
-    elif weight.dtype != x.dtype:  # as x.to(x.dtype) * weight promotes
+    else:  # what x.to(x.dtype) * weight gives
         out_dtype = torch.promote_types(x.dtype, weight.dtype)
     return _RMSNorm.apply(x, weight, eps, out_dtype)
 
