@@ -56,7 +56,8 @@ GENERATED_NAMES = frozenset({
 # take one (tests/test_names.py keeps this list complete).
 MODULE_NAMES = frozenset({
     "memory", "step", "decode_state", "DecodeState", "LayerState", "State", "bias_loss", "bias_grad",
-    "bias_grad_vjp", "HEADS", "KEY_DIM", "VALUE_DIM", "CHUNK_SIZE", "DEPTH", "EXPANSION", "NamedTuple",
+    "bias_grad_vjp", "HEADS", "KEY_DIM", "VALUE_DIM", "CHUNK_SIZE", "DEPTH", "EXPANSION", "TRITON_KERNELS",
+    "TRITON_REASON", "NamedTuple",
     "annotations", "pairwise", "os", "uuid", "math",
 })
 # Long enough for any real name; the layer's name can become the generated file's name.
