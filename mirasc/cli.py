@@ -66,7 +66,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         p = plans(ir, __version__)
         print(f"# {path}: the plans the code generator renders\n")
         for name, plan in (("module (m)", p.module), ("matrix-memory kernels (linear)", p.linear),
-                           ("MLP-memory kernels (mlp_plan)", p.mlp), ("fused decode step (step)", p.step)):
+                           ("MLP-memory kernels (mlp_plan)", p.mlp), ("MLP map read-out kernels (mlp_map)", p.mlp_map),
+                           ("fused decode step (step)", p.step)):
             if plan is not None:
                 print(format_plan(plan, name=name))
     return 0

@@ -37,8 +37,10 @@ def _no_step(map_: str) -> str:
     pytest.param("titans", None, "mlp", True, "", "", id="titans-mlp-and-step"),
     pytest.param("moneta", ("lq(q=4)", "lq(q=4, norm=token)"), "mlp", True, "", "", id="moneta-token-mlp-and-step"),
     pytest.param("moneta", None, "mlp", True, "", "", id="moneta-chunk-mlp-and-step"),
-    pytest.param("memora", None, None, False, "the retention map 'softmax' has no triton kernel for MLP memories",
-                 _no_step("softmax"), id="memora-refused"),
+    pytest.param("memora", None, "mlp_map", False, "", _no_step("softmax"), id="memora-map-readout"),
+    pytest.param("memora", ("kl(axis=key)", "kl(axis=value)"), None, False,
+                 "kl over the 'value' axis has no triton kernel for MLP memories (axis=key has)",
+                 _no_step("softmax"), id="memora-value-axis-refused"),
 ])
 def test_one_kernel_decision(stem, replace, family, step, reason, step_reason):
     p = _plans(stem, replace)
@@ -46,7 +48,7 @@ def test_one_kernel_decision(stem, replace, family, step, reason, step_reason):
     assert isinstance(p.module, ModulePlan) and isinstance(k, KernelChoice)
     assert (k.family, k.step, k.reason, k.step_reason) == (family, step, reason, step_reason)
     # the choice agrees with the family plans it was made from
-    family_plan = p.mlp if p.module.memory.mlp else p.linear
+    family_plan = p.mlp_map if p.mlp_map is not None else p.mlp if p.module.memory.mlp else p.linear
     assert isinstance(family_plan, Refusal) == (family is None)
     assert isinstance(p.step, Refusal) == (not step)
     if family is not None:
@@ -74,7 +76,8 @@ def test_templates_read_only_the_plans():
         text = path.read_text()
         free = meta.find_undeclared_variables(env.parse(text))
         local_sets = set(re.findall(r"\{%-?\s*set\s+(\w+)", "".join(p.read_text() for p in folder.glob("*.j2"))))
-        assert free <= {"m", "linear", "mlp_plan", "step"} | (_SET_BY_INCLUDER & local_sets), (path.name, free)
+        assert free <= {"m", "linear", "mlp_plan", "mlp_map", "step"} | (_SET_BY_INCLUDER & local_sets), \
+            (path.name, free)
 
 
 def test_explain_plan_prints_every_plan(capsys):
@@ -90,7 +93,8 @@ def test_explain_plan_prints_every_plan(capsys):
         assert line in out, line
     assert main(["explain", "--plan", str(ROOT / "examples" / "memora.miras")]) == 0
     out = capsys.readouterr().out
-    for line in ("fused decode step (step): Refusal", "reason: \"the MLP step kernel covers"):
+    for line in ("fused decode step (step): Refusal", "reason: \"the MLP step kernel covers",
+                 "MLP map read-out kernels (mlp_map): MlpMapPlan", "map: 'softmax'"):
         assert line in out, line
 
 

@@ -317,9 +317,10 @@ def test_fsdp_equals_ddp_and_resumes_on_one(corpus, ddp_run, tmp_path):
     _same_curve(_metrics(fsdp), _metrics(resumed))
 
 
-def test_the_run_says_which_backend_its_memory_layers_take():
-    """On CUDA a layer with fused kernels says so; one without (Memora's softmax map on an MLP memory)
-    names the torch backend and the reason; on the CPU the torch backend."""
+def test_the_run_says_which_backend_its_memory_layers_take(tmp_path):
+    """On CUDA a layer with fused kernels says so, Memora that its read-out runs in Triton; one without
+    (kl over the value axis on an MLP memory) names the torch backend and the reason; on the CPU the
+    torch backend."""
     from mirasc.train.trainer import make_config, memory_backend_line
 
     root = ROOT / "examples"
@@ -328,6 +329,10 @@ def test_the_run_says_which_backend_its_memory_layers_take():
         "fused Triton kernels (matrix memory)")
     assert memory_backend_line(make_config(root / "titans.miras"), cuda).endswith("(MLP memory)")
     memora = memory_backend_line(make_config(root / "memora.miras"), cuda)
-    assert "the torch backend" in memora and "no triton kernel for MLP memories" in memora
+    assert memora.endswith("the torch backend with every token's read-out through the map in Triton kernels")
+    value_axis = tmp_path / "memora_value.miras"
+    value_axis.write_text((root / "memora.miras").read_text().replace("kl(axis=key)", "kl(axis=value)"))
+    line = memory_backend_line(make_config(value_axis), cuda)
+    assert "the torch backend" in line and "no triton kernel for MLP memories" in line
     assert "the torch backend" in memory_backend_line(make_config(root / "titans.miras"), cpu)
     assert "'reference'" in memory_backend_line(make_config(root / "titans.miras", backend="reference"), cuda)

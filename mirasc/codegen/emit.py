@@ -5,7 +5,7 @@
 
 Every decision is made in the plan stage (mirasc.codegen.plan): `plans(ir, version)` builds the module
 plan and the plan of each kernel family, and this module only renders them. Templates read `m` (the
-ModulePlan), `linear`, `mlp_plan` and `step` (the family plans, None where the layer has none); jinja
+ModulePlan), `linear`, `mlp_plan`, `mlp_map` and `step` (the family plans, None where the layer has none); jinja
 runs with StrictUndefined, so a template that reads a field no plan has fails instead of printing nothing.
 """
 
@@ -23,6 +23,7 @@ from ..ir import LayerIR
 from .plan import Refusal
 from .plan.linear import LinearPlan, plan_linear
 from .plan.mlp import MlpPlan, plan_mlp
+from .plan.mlp_map import MlpMapPlan, plan_mlp_map
 from .plan.module import (
     CodegenError,
     ModulePlan,
@@ -41,6 +42,7 @@ class Plans:
     module: ModulePlan
     linear: LinearPlan | Refusal
     mlp: MlpPlan | Refusal | None  # None for a matrix memory
+    mlp_map: MlpMapPlan | Refusal | None  # the map read-out of an MLP memory with kl / bregman / elastic_net
     step: StepPlan | StepMlpPlan | Refusal
 
 
@@ -49,8 +51,10 @@ def plans(ir: LayerIR, version: str) -> Plans:
     check_supported(ir)
     linear = plan_linear(ir)
     mlp = plan_mlp(ir) if ir.memory.kind == "mlp" else None
+    mlp_map = plan_mlp_map(ir)
     step = plan_step(ir)
-    return Plans(plan_module(ir, version, choose_kernels(ir, linear, mlp, step)), linear, mlp, step)
+    return Plans(plan_module(ir, version, choose_kernels(ir, linear, mlp, step, mlp_map)), linear, mlp, mlp_map,
+                 step)
 
 
 def _environment() -> jinja2.Environment:
@@ -74,7 +78,7 @@ def emit_module(ir: LayerIR, mirasc_version: str) -> str:
 
     return _environment().get_template("module.py.j2").render(
         m=p.module, linear=chosen(p.linear, kernels.linear), mlp_plan=chosen(p.mlp, kernels.mlp),
-        step=chosen(p.step, kernels.step))
+        mlp_map=chosen(p.mlp_map, kernels.mlp_map), step=chosen(p.step, kernels.step))
 
 
 def write_module(ir: LayerIR, out_dir: str | os.PathLike, stem: str) -> Path:

@@ -511,6 +511,8 @@ def memory_backend_line(cfg: TrainConfig, device: torch.device) -> str:
     if module.TRITON_KERNELS is None:
         return (f"memory layers: the torch backend, slower and larger in memory than fused kernels: "
                 f"{module.TRITON_REASON}")
+    if module.TRITON_KERNELS == "MLP map read-out":
+        return "memory layers: the torch backend with every token's read-out through the map in Triton kernels"
     return f"memory layers: fused Triton kernels ({module.TRITON_KERNELS} memory)"
 
 

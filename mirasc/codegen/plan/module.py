@@ -22,6 +22,7 @@ from ..triton import BiasParam, bias_params_of, input_ident, layout_of, operand_
 from . import Refusal
 from .linear import LinearPlan
 from .mlp import MlpPlan
+from .mlp_map import MlpMapPlan
 from .step import StepMlpPlan, StepPlan
 
 # Names of memory()/step() arguments: a runtime parameter may not shadow them.
@@ -193,7 +194,8 @@ class KernelChoice:
     and the generated module read. (At run time the generated `_triton_usable` adds what depends on the
     call: CUDA tensors, head dims and dtypes against the family's launch table.)
 
-    family is "linear", "mlp" or None; step says whether the fused decode step exists (its plan decides
+    family is "linear", "mlp", "mlp_map" (an MLP memory with a non-linear map: the torch backend with
+    its per-token read-out in Triton, mirasc.codegen.plan.mlp_map) or None; step says whether the fused decode step exists (its plan decides
     on its own: a layer may have the step without the chunk kernels); reason is what backend="triton"
     says for the chunk kernels (family None, else ""), step_reason what step() says (no step, else "").
     eta, alpha, beta, gamma and bias_args are the launcher's operand expressions (contiguous fp32 tensors,
@@ -217,6 +219,15 @@ class KernelChoice:
     @property
     def mlp(self) -> bool:
         return self.family == "mlp"
+
+    @property
+    def mlp_map(self) -> bool:
+        return self.family == "mlp_map"
+
+    @property
+    def label(self) -> str | None:
+        """What the generated module's TRITON_KERNELS says (None: no fused chunk kernels)."""
+        return {"linear": "matrix", "mlp": "MLP", "mlp_map": "MLP map read-out"}.get(self.family or "")
 
 
 @dataclass(frozen=True)
@@ -453,17 +464,20 @@ def _bias(ir: LayerIR) -> BiasPlan:
 
 
 def choose_kernels(ir: LayerIR, linear: LinearPlan | Refusal, mlp: MlpPlan | Refusal | None,
-                   step: StepPlan | StepMlpPlan | Refusal) -> KernelChoice:
+                   step: StepPlan | StepMlpPlan | Refusal, mlp_map: MlpMapPlan | Refusal | None = None
+                   ) -> KernelChoice:
     """The one decision of which fused kernels a layer gets, from its family plans (each a plan or the
-    one reason it has none): the memory's own family (matrix or MLP), and the fused decode step."""
-    family_plan = mlp if ir.memory.kind == "mlp" else linear
+    one reason it has none): the memory's own family (matrix or MLP; an MLP with a non-linear map has
+    the map read-out family instead), and the fused decode step."""
+    family = "mlp_map" if mlp_map is not None else ir.memory.kind if ir.memory.kind == "mlp" else "linear"
+    family_plan = {"mlp_map": mlp_map, "mlp": mlp, "linear": linear}[family]
     has_step = isinstance(step, (StepPlan, StepMlpPlan))
     step_reason = "" if has_step else step.reason
     if isinstance(family_plan, Refusal):
         return KernelChoice(None, has_step, family_plan.reason, step_reason)
     alg, ret = ir.algorithm, ir.retention
     return KernelChoice(
-        family=ir.memory.kind if ir.memory.kind == "mlp" else "linear", step=has_step, reason="",
+        family=family, step=has_step, reason="",
         step_reason=step_reason,
         eta=operand_source(ir, alg.lr, "eta"), alpha=operand_source(ir, ret.alpha, "alpha"),
         beta=operand_source(ir, alg.beta, "beta") if alg.kind == "momentum" else None,
