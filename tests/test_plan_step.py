@@ -79,8 +79,10 @@ def test_launch_table_covers_every_tile_the_kernel_accepts():
 
 
 def test_refusals():
-    plan = plan_step(_example("memora"))  # an MLP memory with the kl map
-    assert isinstance(plan, Refusal) and "covers retention none, decay and lq, not the 'softmax' map" in plan.reason
+    plan = plan_step(_example("memora"))  # an MLP memory with the kl map over the key axis: covered
+    assert isinstance(plan, StepMlpPlan) and plan.map == "softmax" and plan.base_map and not plan.prox
+    plan = plan_step(_layer("l2", [], "kl(axis=value)", "0.5", memory="mlp(depth=2, expansion=2, act=gelu)"))
+    assert isinstance(plan, Refusal) and "covers kl over the key axis, not over 'value'" in plan.reason
     plan = plan_step(_layer("l2", ["gate a : head = sigmoid(rank=4, init=0.9)"], "decay(a) + lq(q=3, norm=token)",
                             "0.5", at="retained", memory="mlp(depth=2, expansion=2, act=gelu)"))
     assert isinstance(plan, Refusal) and "no lq map with at=retained" in plan.reason
@@ -88,12 +90,24 @@ def test_refusals():
     assert isinstance(plan, Refusal) and "depth 1 and 2, got depth 3" in plan.reason
 
 
-@pytest.mark.parametrize("retention", ["kl(axis=value)", "decay(0.9) + bregman", "elastic_net(0.1, form=retain)"])
-def test_mlp_memories_with_other_maps_keep_the_torch_step(retention):
-    plan = plan_step(_layer("l2", [], retention, "0.5", memory="mlp(depth=2, expansion=2, act=gelu)"))
-    assert isinstance(plan, Refusal) and "the MLP step kernel covers retention none, decay and lq" in plan.reason
+@pytest.mark.parametrize("axis", ["value", "all"])
+def test_mlp_memories_with_kl_over_rows_keep_the_torch_step(axis):
+    plan = plan_step(_layer("l2", [], f"kl(axis={axis})", "0.5", memory="mlp(depth=2, expansion=2, act=gelu)"))
+    assert isinstance(plan, Refusal) and "the MLP step kernel covers kl over the key axis" in plan.reason
     # step() prints the reason in a string literal of a 110-column line, indented 12 spaces
     assert len(f'            "{plan.reason}")') <= 110
+
+
+@pytest.mark.parametrize(("retention", "base_map", "prox"), [
+    ("decay(0.9) + bregman", True, False), ("elastic_net(0.1, form=retain)", False, True),
+    ("elastic_net(g, form=ftrl)", True, False)])
+def test_mlp_memories_with_elementwise_maps_plan_the_step(retention, base_map, prox):
+    """bregman and elastic_net have the MLP step kernel; form=retain's base is already W (no base map)
+    and its chunk end stores S_gamma(Z'); a learnable threshold is one of the kernel's inputs."""
+    plan = plan_step(_layer("l2", ["param g = learnable(0.1, softplus)"] if "(g" in retention else [], retention,
+                            "0.5", memory="mlp(depth=2, expansion=2, act=gelu)"))
+    assert isinstance(plan, StepMlpPlan) and (plan.base_map, plan.prox, plan.chunk_end) == (base_map, prox, prox)
+    assert (plan.gamma.input is not None) == ("(g" in retention)
 
 
 def test_titans_plans_the_mlp_step():

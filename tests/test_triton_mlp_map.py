@@ -42,14 +42,19 @@ CASES = {
     "bregman_gd_c1_packed": (_v("expansion=2, act=gelu, residual=true, norm=true", "l2", [ETA], "bregman(sigmoid)",
                                 "gd(lr=eta, chunk=1)", B=1), [0, 3, 7], 4e-3),
     "elastic_ftrl_c16": (_v("expansion=2, act=gelu, residual=true, norm=true", "l2",
-                            [ETA, ALPHA, "param g = learnable(0.02, softplus)"], "decay(alpha) + elastic_net(gamma=g)",
+                            [ETA, ALPHA, "param g = learnable(0.02, softplus)"],
+                            "decay(alpha) + elastic_net(gamma=g, form=ftrl)",
                             "gd(lr=eta, chunk=16)"), None, None),
     "elastic_retain_token_gamma_c64": (_v("expansion=2, act=silu, residual=true, norm=false", "l2",
                                           [ETA, ALPHA, "gate g : head = softplus(rank=4, init=0.02)"],
                                           "decay(alpha) + elastic_net(gamma=g, form=retain)",
                                           "gd(lr=eta, chunk=64)", T=70), None, None),
-    "elastic_momentum_c16": (_v("expansion=2, act=gelu, residual=true, norm=true", "l2", [ETA, BETA],
-                                "elastic_net(gamma=0.01)", "momentum(beta=b, lr=eta, chunk=16)", T=37, B=2), None, None),
+    "elastic_ftrl_decay_c1_packed": (_v("expansion=2, act=gelu, residual=true, norm=true", "l2", [ETA, ALPHA],
+                                       "decay(alpha) + elastic_net(gamma=0.02, form=ftrl)", "gd(lr=eta, chunk=1)",
+                                       T=7), [0, 4, 7], None),
+    "elastic_retain_momentum_c16": (_v("expansion=2, act=gelu, residual=true, norm=true", "l2", [ETA, BETA],
+                                       "elastic_net(gamma=0.01)", "momentum(beta=b, lr=eta, chunk=16)", T=37, B=2),
+                                    None, None),
 }
 
 

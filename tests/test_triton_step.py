@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("triton")
 
 from conftest import (
+    ROOT,
     CountLaunches,
     LinearVariant,
     compile_module,
@@ -255,10 +256,12 @@ def test_triton_step_refusals(tmp_path, monkeypatch, compiled_examples):
     with pytest.raises(TypeError, match="DecodeState"):
         module.step(q[:, 0], k[:, 0], v[:, 0], **tok, state=s0, backend="triton")
     assert counter.launches == 0
-    # Layers without triton kernels keep the torch step and say why backend='triton' cannot run.
-    for name in ("memora",):  # an MLP memory with the kl map
-        other, other_ir = compiled_examples[name]
-        assert not hasattr(other, "_step_kernel")
+    # Layers without triton kernels keep the torch step and say why backend='triton' cannot run: an MLP
+    # memory with kl over the value axis (Memora's example normalises over the key axis, which has one)
+    text = (ROOT / "examples" / "memora.miras").read_text().replace("kl(axis=key)", "kl(axis=value)")
+    for other, compiled in [compile_module(text, "memora_value.miras", tmp_path, "_step_memora_value")]:
+        other_ir = compiled.ir
+        assert not hasattr(other, "_step_kernel") and hasattr(compiled_examples["memora"][0], "_step_kernel")
         x = torch.zeros(1, other_ir.block.heads, other_ir.block.key_dim)
         gates = {p.name: torch.zeros(1) for p in other_ir.inputs()}  # refused before they are read
         with pytest.raises(ValueError, match="backend='triton' is not available"):

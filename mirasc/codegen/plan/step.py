@@ -111,9 +111,9 @@ class StepPlan:
 
 @dataclass(frozen=True)
 class StepMlpPlan:
-    """The MLP step kernel's variant: the operands as in StepPlan (retention none or decay, and Moneta's
-    lq map), and the memory's shape: depth 1 (one [K, V] tile) or 2 (W_1 [K, X], W_2 [X, V], looped over
-    BX hidden columns at a time)."""
+    """The MLP step kernel's variant: the operands as in StepPlan (retention none or decay, Moneta's lq
+    map, and the kl (key axis), bregman and elastic_net maps), and the memory's shape: depth 1 (one
+    [K, V] tile) or 2 (W_1 [K, X], W_2 [X, V], looped over BX hidden columns at a time)."""
 
     inputs: tuple[StepInput, ...]  # every input the kernel reads, each once, in keyword order
     bias_params: tuple[StepInput, ...]  # the bias's non-constant parameters, in _bias_grad's order
@@ -123,9 +123,13 @@ class StepMlpPlan:
     beta: StepOperand  # the momentum decay (the literal 1.0 for gd: unused)
     needs_y: bool  # the bias gradient depends on y = M(W_b; k)
     at_retained: bool  # the gradient point is alpha W_b (every layer's pre-activation scaled by alpha)
-    map: str  # "id" or "lq": each weight matrix W_l = Z_l / n(Z_l)
+    map: str  # "id", "lq" (W_l = Z_l / n(Z_l)), "softmax" (key axis), "sigmoid" or "soft_threshold"
     lq: StepLq  # the lq map's constants (unused without it)
     lq_chunk: bool  # lq(norm=chunk): a token inside a chunk reads Z' / n(Z_b), the chunk's last Z' / n(Z')
+    base_map: bool  # y reads map(Z_b) for softmax / sigmoid / soft_threshold (not form=retain: its base is W)
+    prox: bool  # elastic_net(form=retain): the token that ends a chunk carries W = S_gamma(Z')
+    gamma: StepOperand  # the soft threshold (the literal 0.0 without elastic_net)
+    kl_scale: float
     depth: int  # 1 or 2
     act: str  # the hidden activation (depth 2): _tl_act / _tl_dact
     norm: bool  # M ends in a LayerNorm without affine parameters (eps 1e-5)
@@ -143,7 +147,7 @@ class StepMlpPlan:
     @property
     def chunk_end(self) -> bool:
         """Whether the kernel needs to know that the token ends its chunk (a tl.constexpr CHUNK_END)."""
-        return self.lq_chunk
+        return self.lq_chunk or self.prox
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -218,10 +222,12 @@ def _plan_step_mlp(ir: LayerIR) -> StepMlpPlan | Refusal:
     if mem.depth > 2:
         return Refusal(f"the fused decode step covers MLP memories of depth 1 and 2, got depth {mem.depth}")
     map_ = ret.effective_map  # lq with q = 2 is the identity
-    if map_ not in ("id", "lq"):
+    if map_ == "softmax" and ret.axis != "key":
         # (short: the generated module prints it inside a 110-column line)
-        return Refusal(f"the MLP step kernel covers retention none, decay and lq, not the '{map_}' map")
-    rule = _rule_fields(ir)
+        return Refusal(f"the MLP step kernel covers kl over the key axis, not over {ret.axis!r}")
+    threshold = map_ == "soft_threshold"
+    prox = threshold and ret.form == "prox"
+    rule = _rule_fields(ir, ret.gamma if threshold else None)
     if map_ == "lq" and rule["at_retained"]:
         # the gradient point map(alpha Z_b) is then no scaling of the base
         return Refusal("the fused decode step of an MLP memory has no lq map with at=retained and a decay")
@@ -232,6 +238,10 @@ def _plan_step_mlp(ir: LayerIR) -> StepMlpPlan | Refusal:
         map=map_,
         lq=_lq(ret.q, ret.eps) if map_ == "lq" else _lq(3.0, 1e-6),
         lq_chunk=map_ == "lq" and ret.norm == "chunk",
+        base_map=map_ in ("softmax", "sigmoid", "soft_threshold") and not prox,
+        prox=prox,
+        gamma=_operand(ir, ret.gamma) if threshold else StepOperand(0.0, None),
+        kl_scale=float(ret.scale),
         depth=mem.depth,
         act=mem.act,
         norm=bool(mem.norm),
@@ -243,7 +253,7 @@ def _plan_step_mlp(ir: LayerIR) -> StepMlpPlan | Refusal:
         warps=((4096, 4), (128 * 128, 8)),
         helpers=("_step_operand", "_step_input", "_step_vecmat", "_step_ln", "_step_ln_vjp", "_step_lq_rnorm",
                  "_step_lq_r", "_step_tile", "_step_base", "_step_base_or", "_step_retain", "_step_update",
-                 "_step_lq_sum"),
+                 "_step_lq_sum", "_step_map", "_step_softmax_rows"),
         pasted=pasted,
     )
 

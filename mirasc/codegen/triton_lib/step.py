@@ -70,6 +70,19 @@ def _step_map(z, smask, gamma, MAP: tl.constexpr, KL_AXIS: tl.constexpr, KL_SCAL
 
 
 @triton.jit
+def _step_softmax_rows(z, mask, x, mx, sm, acc):
+    """One [BX, BV] tile of a softmax over the rows of a matrix that spans several tiles (kl over the key
+    axis of W_2 [X, V]), online as in attention: the running column max mx [BV], the sums of exp(z - mx)
+    sm [BV] and of x exp(z - mx) acc [BV] (x [BX]: the tile's rows of the vector the matrix multiplies),
+    rescaled when the max grows -> (mx, sm, acc). After the last tile, x W = scale * acc / sm."""
+    zm = tl.where(mask, z, -1e30)
+    new = tl.maximum(mx, tl.max(zm, axis=0))
+    c = tl.exp(mx - new)
+    e = tl.where(mask, tl.exp(zm - new[None, :]), 0.0)
+    return new, sm * c + tl.sum(e, axis=0), acc * c + tl.sum(x[:, None] * e, axis=0)
+
+
+@triton.jit
 def _step_ln(z, vmask):
     """LayerNorm without affine parameters (eps 1e-5) of one row z [1, BV] (padded columns 0) over the
     true V columns: (the normalized row, 0 at padded columns; 1 / std, [1, 1])."""
