@@ -81,6 +81,29 @@ def test_memory_compiles_without_graph_breaks(compiled_examples, name, chunk):
         assert_close(a, b, f"{name}: gradient of input {i}", rtol=1e-5, atol=1e-6)
 
 
+def test_map_readout_compiles_without_graph_breaks(compiled_examples):
+    """Memora (an MLP memory with kl): the torch backend's chunk loop with the map read-out's custom
+    operators compiles into one graph whose forward and backward equal the eager triton call."""
+    module, ir = compiled_examples["memora"]
+    torch._dynamo.reset()
+    leaves, names = _leaves(ir, 1, 21, 2, 16, 16, seed=5)
+    fn = _memory_fn(module, names, len(leaves) - 3 - len(names), 16)
+    outs, grads, weights = _forward_backward(fn, leaves)
+    counter = CountLaunches(module._map_readout_bwd_kernel)
+    module._map_readout_bwd_kernel = counter
+    try:
+        compiled = torch.compile(fn, fullgraph=True, backend=BACKEND)
+        c_outs, c_grads, _ = _forward_backward(compiled, leaves, weights)
+    finally:
+        module._map_readout_bwd_kernel = counter.kernel
+    assert counter.launches == 4, "the compiled backward did not run the read-out kernel (2 chunks x 2 matrices)"
+    for i, (a, b) in enumerate(zip(c_outs, outs)):
+        assert_close(a, b, f"memora: output {i}", rtol=1e-5, atol=1e-6)
+    for i, (a, b) in enumerate(zip(c_grads, grads)):
+        assert b is not None, f"memora: input {i} got no gradient"
+        assert_close(a, b, f"memora: gradient of input {i}", rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name,chunk", [("gated_deltanet", 1), ("titans", 8)])
 def test_packed_memory_compiles_without_graph_breaks(compiled_examples, name, chunk):
     """memory() over packed sequences (cu_seqlens) compiles into one graph: the kernels (matrix and MLP
