@@ -4,7 +4,9 @@
 
 Layers: a 2-layer x4 MLP memory (Moneta's M(x) = x + LN(W1 GELU(W2 x)), per-head decay, gd, chunk 64)
 with the lp(p=3), Huber and l2 biases; the Titans example (examples/titans.miras: SiLU MLP, l2, decay,
-momentum) and the Moneta example (examples/moneta.miras: lp(p=3), decay + lq(q=4) retention); the
+momentum), the Moneta example (examples/moneta.miras: lp(p=3), decay + lq(q=4) retention) and the Memora
+example (examples/memora.miras: l2, decay + kl retention; the torch backend with the map read-out in
+Triton, whose target is 1.5x the same MLP with decay alone, the "MLP l2" row); the
 same three biases with a matrix memory; titans-pytorch's NeuralMemory when `import titans_pytorch` works.
 
 Every layer runs in a child process of this script (`--one`), so a kernel that faults (an illegal
@@ -21,7 +23,8 @@ shape): outputs, final state and the gradients of every input, relative error ov
 < 1e-2, and no NaN; per-token decays in [0.999, 1) (DECAY says why), and the cond column gives the
 torch backend's own float32 error (against float64, first sequence) and the sens column how far its
 float32 gradients move when q, k, v move by bf16 rounding (a bf16 kernel cannot agree better). The Moneta example is checked at B=1: the torch backend's lq path keeps every
-token's state (about 16 GB at B=1, too much at B=8). The kernels multiply as the module's
+token's state (about 16 GB at B=1, too much at B=8); so is Memora (its torch backend keeps every token's
+weights). The kernels multiply as the module's
 _MLP_DOT_PRECISION says (tf32 for bf16 inputs); set to bf16 products there and missing the bar, the
 check runs again with tf32 products. A launch setting that does not compile (or runs out of shared
 memory / registers) is retried with the next of FALLBACK.
@@ -78,6 +81,7 @@ BIASES = {  # name: (bias, extra declarations)
 EXAMPLES = {  # label: (example file, batch of the agreement check)
     "Titans example (momentum)": ("titans.miras", B),
     "Moneta example (lq retention)": ("moneta.miras", 1),
+    "Memora example (kl retention, map read-out)": ("memora.miras", 1),
 }
 # Launch settings: the keys of the generated module's _MLP_FWD_CONFIG / _MLP_BWD_CONFIG. BX is the weight
 # tile width (the backward's BXF with tf32 products); XS the hidden columns per program
