@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...ir import LayerIR
+from .. import triton_lib
 from . import Refusal
 
 MAPS = ("softmax", "sigmoid", "soft_threshold")
@@ -30,12 +31,14 @@ class MlpMapPlan:
 
     map: str
     scale: float
+    library_src: str  # the Triton library functions the kernels call (mirasc.codegen.triton_lib)
     tile: int = TILE
 
     @property
     def map_code(self) -> int:
-        """The kernels' MAP constexpr."""
-        return MAPS.index(self.map)
+        """The kernels' MAP constexpr, as linear.py's _map_fwd / _map_vjp read it (1 softmax, 2 sigmoid,
+        3 soft threshold)."""
+        return MAPS.index(self.map) + 1
 
 
 def plan_mlp_map(ir: LayerIR) -> MlpMapPlan | Refusal | None:
@@ -47,7 +50,8 @@ def plan_mlp_map(ir: LayerIR) -> MlpMapPlan | Refusal | None:
     if ret.map == "softmax" and ret.axis != "key":
         # a row or the whole matrix would have to sit in one program; the torch backend runs these
         return Refusal(f"kl over the {ret.axis!r} axis has no triton kernel for MLP memories (axis=key has)")
-    return MlpMapPlan(map=ret.map, scale=float(ret.scale))
+    return MlpMapPlan(map=ret.map, scale=float(ret.scale),
+                      library_src=triton_lib.source(["_map_walk", "_map_gamma", "_map_fwd", "_map_vjp"]))
 
 
 __all__ = ["MAPS", "MlpMapPlan", "plan_mlp_map"]
