@@ -44,7 +44,7 @@ def layers(out: Path) -> list:
     """(label, module, ir) of every layer that has a fused step."""
     found = []
     for stem in ("retnet", "deltanet", "gated_deltanet", "momentum_deltanet", "titans", "moneta", "yaad",
-                 "ttt_linear"):
+                 "ttt_linear", "memora"):
         path = ROOT / "examples" / f"{stem}.miras"
         module, ir = load(path.read_text(), str(path), out)
         if hasattr(module, "_step_kernel"):
