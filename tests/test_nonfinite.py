@@ -65,7 +65,7 @@ def test_nan_stays_causal(compiled_examples, name, backend):
             _check(o, final, learnable, *_run(module, ir, backend, where, None, chunk)[:2])
 
 
-@pytest.mark.parametrize("name", ["gated_deltanet", "log_cosh", "retnet", "quantile"])
+@pytest.mark.parametrize("name", ["gated_deltanet", "log_cosh", "retnet", "quantile", "memora"])
 def test_nan_and_inf_stay_causal_on_triton(compiled_examples, name):
     module, ir = compiled_examples[name]
     for where, value in [("q", float("nan")), ("k", float("inf")), ("v", float("nan")),
