@@ -22,8 +22,8 @@ SEED = 4100
 _v = MlpVariant
 
 # Memora's map (kl over the key axis) and the other maps, gd and momentum, with and without decay, depth 1
-# to 3, chunks 1, 16 and 64 (partial last chunks), a kl scale, a learnable and a per-token threshold,
-# and packed sequences (cu_seqlens). The third entry is the tolerance (None: _compare's): the sigmoid map's
+# to 3, chunks 1, 16 and 64 (partial last chunks), at=retained (every token's gradient point map(a_i Z_b)),
+# a kl scale, a learnable and a per-token threshold, and packed sequences (cu_seqlens). The third entry is the tolerance (None: _compare's): the sigmoid map's
 # weights are all positive, so a read-out sums terms of one sign through the LayerNorm and loses fp32
 # digits; the torch backend in fp32 shows the same error against the float64 reference (1e-3 on dq).
 CASES = {
@@ -36,6 +36,9 @@ CASES = {
                             "gd(lr=eta, chunk=64)", T=70, depth=1), None, None),
     "kl_decay_c1_depth3": (_v("expansion=1, act=tanh, residual=true, norm=true", "l2", [ETA, ALPHA],
                               "decay(alpha) + kl(axis=key)", "gd(lr=eta, chunk=1)", T=6, depth=3), None, None),
+    "kl_retained_momentum_c16": (_v("expansion=2, act=gelu, residual=true, norm=true", "l2", [ETA, ALPHA, BETA],
+                                    "decay(alpha) + kl(axis=key)", "momentum(beta=b, lr=eta, chunk=16, at=retained)",
+                                    T=24), None, None),
     "bregman_decay_momentum_c16": (_v("expansion=2, act=gelu, residual=true, norm=true", "l2",
                                       [ETA, ALPHA, BETA], "decay(alpha) + bregman(sigmoid)",
                                       "momentum(beta=b, lr=eta, chunk=16)"), None, 4e-3),
