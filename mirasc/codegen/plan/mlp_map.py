@@ -18,40 +18,37 @@ from dataclasses import dataclass
 from ...ir import LayerIR
 from .. import triton_lib
 from . import Refusal
+from .linear import AXIS_CODES, MAP_CODES
 
-MAPS = ("softmax", "sigmoid", "soft_threshold")
 TILE = 4096  # elements of a program's [d_in, columns] tile of Z (with W, the gradient and the momentum)
 
 
 @dataclass(frozen=True)
 class MlpMapPlan:
-    """map: "softmax" (kl over the key axis, times scale), "sigmoid" (bregman) or "soft_threshold"
-    (elastic net, threshold gamma per token). The walk's gates (decay, momentum) are the rule's
-    (ModulePlan.rule)."""
+    """The map as the matrix map kernels' _map_fwd / _map_vjp read it (plan.linear's MAP_CODES: kl's
+    softmax, over the key axis, times scale; bregman's sigmoid; elastic net's soft threshold, gamma per
+    token). The walk's gates (decay, momentum) are the rule's (ModulePlan.rule)."""
 
     map: str
+    map_code: int
+    axis_code: int
     scale: float
     library_src: str  # the Triton library functions the kernels call (mirasc.codegen.triton_lib)
     tile: int = TILE
-
-    @property
-    def map_code(self) -> int:
-        """The kernels' MAP constexpr, as linear.py's _map_fwd / _map_vjp read it (1 softmax, 2 sigmoid,
-        3 soft threshold)."""
-        return MAPS.index(self.map) + 1
 
 
 def plan_mlp_map(ir: LayerIR) -> MlpMapPlan | Refusal | None:
     """The read-out kernels' plan for an MLP memory with a non-linear map, a Refusal naming why not, or
     None where the layer has no such map (the MLP chunk kernels' case, mirasc.codegen.plan.mlp)."""
     ret = ir.retention
-    if ir.memory.kind != "mlp" or ret.effective_map not in MAPS:
+    if ir.memory.kind != "mlp" or ret.effective_map not in MAP_CODES:
         return None
     if ret.map == "softmax" and ret.axis != "key":
         # a row or the whole matrix would have to sit in one program; the torch backend runs these
         return Refusal(f"kl over the {ret.axis!r} axis has no triton kernel for MLP memories (axis=key has)")
-    return MlpMapPlan(map=ret.map, scale=float(ret.scale),
+    return MlpMapPlan(map=ret.map, map_code=MAP_CODES[ret.map], axis_code=AXIS_CODES["key"],
+                      scale=float(ret.scale),
                       library_src=triton_lib.source(["_map_walk", "_map_gamma", "_map_fwd", "_map_vjp"]))
 
 
-__all__ = ["MAPS", "MlpMapPlan", "plan_mlp_map"]
+__all__ = ["MlpMapPlan", "plan_mlp_map"]

@@ -195,8 +195,9 @@ class KernelChoice:
     call: CUDA tensors, head dims and dtypes against the family's launch table.)
 
     family is "linear", "mlp", "mlp_map" (an MLP memory with a non-linear map: the torch backend with
-    its per-token read-out in Triton, mirasc.codegen.plan.mlp_map) or None; step says whether the fused decode step exists (its plan decides
-    on its own: a layer may have the step without the chunk kernels); reason is what backend="triton"
+    its per-token read-out in Triton, mirasc.codegen.plan.mlp_map) or None; step says whether the fused
+    decode step exists (its plan decides on its own: a layer may have the step without the chunk
+    kernels); reason is what backend="triton"
     says for the chunk kernels (family None, else ""), step_reason what step() says (no step, else "").
     eta, alpha, beta, gamma and bias_args are the launcher's operand expressions (contiguous fp32 tensors,
     None for an absent decay or momentum gate; gamma is the elastic net's threshold of the matrix
@@ -469,7 +470,7 @@ def choose_kernels(ir: LayerIR, linear: LinearPlan | Refusal, mlp: MlpPlan | Ref
     """The one decision of which fused kernels a layer gets, from its family plans (each a plan or the
     one reason it has none): the memory's own family (matrix or MLP; an MLP with a non-linear map has
     the map read-out family instead), and the fused decode step."""
-    family = "mlp_map" if mlp_map is not None else ir.memory.kind if ir.memory.kind == "mlp" else "linear"
+    family = "mlp_map" if mlp_map is not None else "mlp" if ir.memory.kind == "mlp" else "linear"
     family_plan = {"mlp_map": mlp_map, "mlp": mlp, "linear": linear}[family]
     has_step = isinstance(step, (StepPlan, StepMlpPlan))
     step_reason = "" if has_step else step.reason
