@@ -155,6 +155,30 @@ def reference_call(module, qkv, params: dict, s0, chunk: int):
                          output_final_state=True, chunk_size=chunk, backend="reference")
 
 
+def closed_state(ir, decoded, params: dict):
+    """A DecodeState's state as memory() returns it at the end of a call: elastic_net(form=retain) closes
+    a call's unfinished last chunk with W = S_gamma(Z) of every weight matrix, gamma the last token's
+    (params: the call's gates by name). Other layers, a state at a chunk boundary and the momentum
+    buffers are carried as they are."""
+    state = decoded.state
+    if ir.retention.form != "prox" or decoded.pos == 0:
+        return state
+    g = ir.retention.gamma
+    if isinstance(g, str):
+        g = params[g].float()
+        g = g[None, :, None, None] if g.dim() == 1 else (g[:, -1, :, None, None] if g.dim() == 3 else g[:, -1, :, None])
+    else:
+        g = torch.tensor(float(g))
+
+    def close(z):
+        return z - torch.minimum(torch.maximum(z, -g), g)
+
+    if isinstance(state, torch.Tensor):
+        return close(state)
+    n = len(decoded.base) if isinstance(decoded.base, tuple) else 1  # the weight matrices come first
+    return (*(close(z) for z in state[:n]), *state[n:])
+
+
 def prefill_then_steps(module, qkv, params: dict, s0, chunk: int, prefill: int, stop: int,
                        backend: str = "triton"):
     """memory() over tokens 0..prefill-1 (the module's default backend), then step() with `backend` over

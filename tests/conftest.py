@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mirasc.testing import (  # noqa: F401 - the tests import these from here
+    closed_state,
     compile_module,
     decode_steps,
     flatten_state,

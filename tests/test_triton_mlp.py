@@ -406,17 +406,6 @@ def test_triton_mlp_runtime_refusals(tmp_path):
         assert torch.equal(o_auto, o_torch)
 
 
-def test_map_layers_take_the_map_readout_family():
-    """An MLP memory with a non-linear map (Memora) has no chunk kernels of this family: its triton
-    backend is the map read-out's (tests/test_triton_mlp_map.py); with kl over the value axis, none."""
-    text = (ROOT / "examples" / "memora.miras").read_text()
-    compiled = compile_spec(text, "memora.miras")
-    assert "_mlp_bwd_kernel" not in compiled.source and "_map_readout_bwd_kernel" in compiled.source
-    compiled = compile_spec(text.replace("kl(axis=key)", "kl(axis=value)"), "memora.miras")
-    assert "_mlp_bwd_kernel" not in compiled.source and "_map_readout" not in compiled.source
-    assert "kl over the 'value' axis has no triton kernel" in compiled.source
-
-
 @pytest.mark.parametrize("example, split_forward", [("moneta", False), ("yaad", True), ("titans", False)])
 def test_covered_examples_carry_the_kernels(example, split_forward):
     """Every covered example has the backward kernel; gd on a depth-2 memory without lq (Yaad) runs its

@@ -13,10 +13,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import ROOT, compile_module, make_inputs, rel
+from conftest import compile_module, make_inputs, make_state, rel
 from test_triton_mlp import ALPHA, BETA, ETA, MlpVariant, _compare
-
-from mirasc.compiler import compile_spec
 
 SEED = 4100
 _v = MlpVariant
@@ -77,19 +75,27 @@ def test_map_readout_matches_reference(name, tmp_path):
 
 
 def test_memora_example_matches_reference(compiled_examples):
-    """The example itself (chunk 64, x4, LN and residual) at head dim 16 over two chunks."""
+    """The example itself (chunk 64, x4, LN and residual) at head dim 16 over two chunks, on this family's
+    kernels (not the MLP chunk kernels')."""
     module, ir = compiled_examples["memora"]
-    assert module.TRITON_KERNELS == "MLP map read-out"
+    assert module.TRITON_KERNELS == "MLP map read-out" and not hasattr(module, "_mlp_bwd_kernel")
     _compare(module, ir, torch.float32, 64, 1, 2, 16, 16, 80, seed=SEED + 99)
 
 
-def test_kl_value_axis_is_refused():
+def test_kl_value_axis_is_refused(tmp_path):
     """kl over the value or all axes has no read-out kernel: the module says why, and backend='triton'
-    raises it; the torch backend runs the layer."""
+    raises it; auto runs the torch backend."""
     text = CASES["kl_decay_gd_c16"][0].spec("kl_value").replace("kl(axis=key)", "kl(axis=value)")
-    compiled = compile_spec(text, "kl_value.miras")
-    assert "_map_readout" not in compiled.source
-    assert "TRITON_KERNELS = None" in compiled.source and "'value' axis" in compiled.source
+    module, compiled = compile_module(text, "kl_value.miras", tmp_path, "_mlp_map_kl_value")
+    assert "_map_readout" not in compiled.source and "_mlp_bwd_kernel" not in compiled.source
+    assert module.TRITON_KERNELS is None and "'value' axis" in module.TRITON_REASON
+    q, k, v, params, gen = make_inputs(compiled.ir, 1, 8, 2, 16, 16, dtype=torch.float32, seed=2)
+    s0 = make_state(compiled.ir, 1, 2, 16, 16, gen=gen)
+    with pytest.raises(NotImplementedError, match="'value' axis"):
+        module.memory(q, k, v, **params, initial_state=s0, backend="triton")
+    o_auto, _ = module.memory(q, k, v, **params, initial_state=s0)
+    o_torch, _ = module.memory(q, k, v, **params, initial_state=s0, backend="torch")
+    assert torch.equal(o_auto, o_torch)
 
 
 def test_bf16_inputs(tmp_path):
@@ -101,7 +107,6 @@ def test_bf16_inputs(tmp_path):
 def test_float64_refused(tmp_path):
     module, compiled = _compile("kl_f64", CASES["kl_decay_gd_c16"][0], tmp_path)
     q, k, v, params, gen = make_inputs(compiled.ir, 1, 8, 2, 16, 16, dtype=torch.float64, seed=1)
-    from conftest import make_state
     with pytest.raises(ValueError, match="float64"):
         module.memory(q, k, v, **params, initial_state=make_state(compiled.ir, 1, 2, 16, 16, gen=gen),
                       backend="triton")
@@ -141,8 +146,3 @@ def test_readout_equals_materialised(tmp_path):
     for what, g, g_ref in zip(["h", "z", "m", "a", "d", "alpha", "beta"], grads, grads_ref, strict=True):
         assert g_ref.abs().sum() > 0 and rel(g, g_ref) < 1e-5, f"d{what}: {rel(g, g_ref):.2e}"
 
-
-def test_memora_example_uses_the_map_kernels():
-    text = (ROOT / "examples" / "memora.miras").read_text()
-    compiled = compile_spec(text, "memora.miras")
-    assert 'TRITON_KERNELS = "MLP map read-out"' in compiled.source

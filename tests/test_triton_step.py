@@ -15,6 +15,7 @@ from conftest import (
     ROOT,
     CountLaunches,
     LinearVariant,
+    closed_state,
     compile_module,
     decode_steps,
     indexed_params,
@@ -126,22 +127,6 @@ def _inputs(ir, dtype, B, T, H, K, V, seed):
     return low[:3], dict(zip(params, low[3:])), (s0[0] if n == 1 else s0)
 
 
-def _closed(ir, decoded, params):
-    """The decoded state as memory() returns it at the end of a call: elastic_net(form=retain) closes a
-    call's unfinished last chunk with W = S_gamma(Z), gamma the last token's (other layers, and a state
-    at a chunk boundary, are carried as they are)."""
-    state = decoded.state
-    if ir.retention.form != "prox" or decoded.pos == 0:
-        return state
-    g = ir.retention.gamma
-    if isinstance(g, str):
-        g = params[g].float()
-        g = g[None, :, None, None] if g.dim() == 1 else (g[:, -1, :, None, None] if g.dim() == 3 else g[:, -1, :, None])
-    else:
-        g = torch.tensor(float(g))
-    return state - torch.minimum(torch.maximum(state, -g), g)
-
-
 
 
 @pytest.mark.parametrize(("i", "variant"), indexed_params(ALL_VARIANTS))
@@ -173,7 +158,7 @@ def test_triton_step_matches_torch_step_and_reference(i, variant, tmp_path, monk
     o_tol = 1e-4 if dtype == torch.float32 else 1e-2
     assert torch.isfinite(o_tr).all() and torch.isfinite(s_tr).all()
     assert rel(o_tr, o_ref) < o_tol, f"o vs reference: {rel(o_tr, o_ref):.2e}"
-    s_end = state_vector(_closed(ir, st_tr, params))
+    s_end = state_vector(closed_state(ir, st_tr, params))
     assert rel(s_end, state_vector(s_ref)) < 1e-4, f"final state vs reference: {rel(s_end, state_vector(s_ref)):.2e}"
     assert rel(state_vector(s_ref), state_vector(s0)) > 1e-2, "the state barely moved: the comparison could not fail"
 
@@ -196,7 +181,7 @@ def test_prefill_then_triton_steps_equals_one_call(i, variant, tmp_path):
     tol = 1e-4 if dtype == torch.float32 else 1e-2
     assert rel(o_pre, o_ref[:, :P]) < tol, f"prefill: {rel(o_pre, o_ref[:, :P]):.2e}"
     assert rel(o_dec, o_ref[:, P:]) < tol, f"decoded tokens: {rel(o_dec, o_ref[:, P:]):.2e}"
-    s_end = state_vector(_closed(ir, state, params))
+    s_end = state_vector(closed_state(ir, state, params))
     assert rel(s_end, state_vector(s_ref)) < 1e-4, f"final state: {rel(s_end, state_vector(s_ref)):.2e}"
 
 
@@ -259,10 +244,9 @@ def test_triton_step_refusals(tmp_path, monkeypatch, compiled_examples):
     # Layers without triton kernels keep the torch step and say why backend='triton' cannot run: an MLP
     # memory with kl over the value axis (Memora's example normalises over the key axis, which has one)
     text = (ROOT / "examples" / "memora.miras").read_text().replace("kl(axis=key)", "kl(axis=value)")
-    for other, compiled in [compile_module(text, "memora_value.miras", tmp_path, "_step_memora_value")]:
-        other_ir = compiled.ir
-        assert not hasattr(other, "_step_kernel") and hasattr(compiled_examples["memora"][0], "_step_kernel")
-        x = torch.zeros(1, other_ir.block.heads, other_ir.block.key_dim)
-        gates = {p.name: torch.zeros(1) for p in other_ir.inputs()}  # refused before they are read
-        with pytest.raises(ValueError, match="backend='triton' is not available"):
-            other.step(x, x, x, **gates, backend="triton")
+    other, compiled = compile_module(text, "memora_value.miras", tmp_path, "_step_memora_value")
+    assert not hasattr(other, "_step_kernel") and hasattr(compiled_examples["memora"][0], "_step_kernel")
+    x = torch.zeros(1, compiled.ir.block.heads, compiled.ir.block.key_dim)
+    gates = {p.name: torch.zeros(1) for p in compiled.ir.inputs()}  # refused before they are read
+    with pytest.raises(ValueError, match="backend='triton' is not available"):
+        other.step(x, x, x, **gates, backend="triton")

@@ -8,7 +8,6 @@ Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py): shapes stay small
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ pytest.importorskip("triton")
 
 from conftest import (
     CountLaunches,
+    closed_state,
     compile_module,
     decode_steps,
     make_inputs,
@@ -26,7 +26,6 @@ from conftest import (
     rel,
     state_vector,
 )
-from test_triton_step import _closed
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ETA = "gate eta : head = softplus(rank=4, init=0.1)"
@@ -146,15 +145,6 @@ def _compile(i, variant, tmp_path):
     return module, compiled.ir
 
 
-def _closed_state(ir, decoded, params) -> tuple:
-    """The decoded state as memory() returns it at the end of a call: elastic_net(form=retain) closes an
-    unfinished last chunk with W = S_gamma(Z) of every weight matrix (tests/test_triton_step.py's
-    _closed; the momentum buffers stay as they are)."""
-    depth = len(decoded.base)
-    zs = [_closed(ir, SimpleNamespace(state=z, pos=decoded.pos), params) for z in decoded.state[:depth]]
-    return (*zs, *decoded.state[depth:])
-
-
 def _inputs(ir, variant, B, T, H, seed):
     """Inputs in the run's dtype and their float64 images (the values it sees exactly), and a random
     fp32 state (weights, then momenta)."""
@@ -199,7 +189,7 @@ def test_triton_step_matches_torch_step_and_reference(i, variant, tmp_path, monk
     o_tol = 1e-4 if variant.dtype == torch.float32 else 1e-2
     assert torch.isfinite(o_tr).all() and torch.isfinite(state_vector(st_tr.state)).all()
     assert rel(o_tr, o_ref) < o_tol, f"o vs reference: {rel(o_tr, o_ref):.2e}"
-    s_tr = state_vector(_closed_state(ir, st_tr, params))
+    s_tr = state_vector(closed_state(ir, st_tr, params))
     assert rel(s_tr, state_vector(s_ref)) < 1e-4, f"final state vs reference: {rel(s_tr, state_vector(s_ref)):.2e}"
     assert rel(state_vector(s_ref), state_vector(s0)) > 1e-2, "the state barely moved: the comparison could not fail"
 
@@ -218,7 +208,7 @@ def test_prefill_then_triton_steps_equals_one_call(i, variant, tmp_path):
     tol = 1e-4 if variant.dtype == torch.float32 else 1e-2
     assert rel(o_pre, o_ref[:, :P]) < tol, f"prefill: {rel(o_pre, o_ref[:, :P]):.2e}"
     assert rel(o_dec, o_ref[:, P:]) < tol, f"decoded tokens: {rel(o_dec, o_ref[:, P:]):.2e}"
-    s_dec = state_vector(_closed_state(ir, state, params))
+    s_dec = state_vector(closed_state(ir, state, params))
     assert rel(s_dec, state_vector(s_ref)) < 1e-4, f"final state: {rel(s_dec, state_vector(s_ref)):.2e}"
 
 
